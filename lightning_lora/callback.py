@@ -1,0 +1,275 @@
+"""``LoRACallback``: turn an existing LightningModule into a LoRA fine-tune with one line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_lora.config import ALL_LINEAR, LoRAConfig, TargetSpec
+from lightning_lora.inject import (
+    ModulesToSave,
+    adapter_state_keys,
+    check_adapter_state,
+    inject_lora,
+    lora_config_of,
+    lora_layers,
+    merge_lora,
+)
+from lightning_lora.optim import OptimizerFactory, build_optimizer, check_optimizer_covers_trainable
+from lightning_lora.resume import ResumeState
+from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
+
+#: Top-level checkpoint key holding the LoRA config (present in every checkpoint we write).
+CHECKPOINT_CONFIG_KEY = "lora_config"
+_MERGED_ATTR = "_lora_merged_config"
+
+
+class LoRACallback(Callback):
+    r"""Fine-tune a LightningModule with LoRA, leaving the module's code unchanged.
+
+    The callback injects adapters into the module, freezes the base model, keeps every
+    checkpoint adapter-only (plus what an exact resume needs) and, at the end of ``fit``,
+    merges the adapters into the base weights so the module is a plain model again.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[LoRACallback(r=8, alpha=16, target_modules=["query", "value"],
+                                                    modules_to_save=["classifier"])])
+        trainer.fit(MyExistingModule())
+
+    Args:
+        r, alpha, dropout, target_modules, exclude_modules, modules_to_save, bias,
+        use_rslora, adapter_dtype: The :class:`~lightning_lora.LoRAConfig` fields.
+        config: A ready :class:`LoRAConfig` instead of the fields above.
+        merge_on_fit_end: Merge the adapters into the base weights and remove the LoRA
+            wrappers when ``fit`` ends.
+        optimizer: Build the optimizer here instead of the module's
+            ``configure_optimizers``, from a factory such as
+            ``functools.partial(torch.optim.AdamW, lr=1e-4)``, with param groups for
+            adapters, ``modules_to_save`` and no weight decay on biases and norms.
+        lr_scheduler: With ``optimizer``: a factory ``optimizer -> LRScheduler``, stepped
+            every training step (warm-up and decay schedules are per step in LoRA recipes).
+        lora_b_lr_ratio: With ``optimizer``: LoRA+ — the B matrices' learning rate is the
+            base rate times this ratio.
+    """
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: TargetSpec = ALL_LINEAR,
+        exclude_modules: Optional[TargetSpec] = None,
+        modules_to_save: Optional[list[str]] = None,
+        bias: str = "none",
+        use_rslora: bool = False,
+        adapter_dtype: Optional[Union[str, torch.dtype]] = "float32",
+        *,
+        config: Optional[LoRAConfig] = None,
+        merge_on_fit_end: bool = True,
+        optimizer: Optional[OptimizerFactory] = None,
+        lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
+        lora_b_lr_ratio: float = 1.0,
+    ) -> None:
+        self.config = config or LoRAConfig(
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
+            modules_to_save=modules_to_save,
+            bias=bias,
+            use_rslora=use_rslora,
+            adapter_dtype=adapter_dtype,
+        )
+        if lr_scheduler is not None and optimizer is None:
+            raise ValueError("`lr_scheduler` needs `optimizer`: the callback can only schedule an optimizer it builds.")
+        if lora_b_lr_ratio != 1.0 and optimizer is None:
+            raise ValueError(
+                "`lora_b_lr_ratio` needs `optimizer`: pass e.g. optimizer=functools.partial(torch.optim.AdamW, lr=1e-4) "
+                "so the callback can build the LoRA+ param groups."
+            )
+        if lora_b_lr_ratio <= 0:
+            raise ValueError(f"`lora_b_lr_ratio` must be positive, got {lora_b_lr_ratio}.")
+        self.merge_on_fit_end = merge_on_fit_end
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lora_b_lr_ratio = lora_b_lr_ratio
+        self._resume = ResumeState()
+        self._trainer: Optional[pl.Trainer] = None
+        self._wrapped_hooks: list[tuple[nn.Module, str]] = []
+
+    # -- public helpers --------------------------------------------------------------------
+    def dry_run(self, pl_module: pl.LightningModule) -> LoRASummary:
+        """What the callback would adapt in ``pl_module`` and how much would train, without training.
+
+        A module that builds its layers in ``configure_model`` is built first (that hook
+        must be idempotent in Lightning anyway); nothing else about it changes.
+        """
+        if not any(True for _ in pl_module.parameters()) and is_overridden("configure_model", pl_module):
+            pl_module.configure_model()
+        self._check_has_parameters(pl_module)
+        return plan_lora(pl_module, self.config)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Runs first in every ``fit``/``validate``/``test``/``predict``, before ``configure_model``,
+        the checkpoint restore and the optimizer.
+
+        Injects the adapters now, or — when the module builds its layers lazily in
+        ``configure_model`` — right after that hook, which still precedes the restore. Also
+        chains the module's checkpoint hooks: Lightning calls the module's
+        ``on_save_checkpoint`` even for ``save_weights_only`` checkpoints (callbacks' are
+        skipped), and the module's ``on_load_checkpoint`` before it loads the weights (the
+        callbacks' after), so that is where adapter-only state is written and checked.
+        """
+        self._trainer = trainer
+        if stage != "fit" and hasattr(pl_module, _MERGED_ATTR):
+            rank_zero_info("LoRA adapters were merged at the end of fit; running the merged model as it is.")
+            return
+        self._chain_module_hook(pl_module, "on_save_checkpoint", self._make_checkpoint_adapter_only)
+        self._chain_module_hook(pl_module, "on_load_checkpoint", self._complete_adapter_only_checkpoint)
+        if stage == "fit" and self.optimizer is not None:
+            pl_module.__dict__["configure_optimizers"] = self._configure_optimizers
+            self._wrapped_hooks.append((pl_module, "configure_optimizers"))
+        if is_overridden("configure_model", pl_module) and not lora_layers(pl_module):
+            self._chain_module_hook(pl_module, "configure_model", self._ensure_injected)
+        else:
+            self._ensure_injected(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the optimizers are built, before any step: every trainable parameter must be in one."""
+        if trainer.optimizers:
+            check_optimizer_covers_trainable(pl_module, trainer.optimizers)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Once the loops are restored and positioned: put RNG and data position back for exact resume."""
+        self._resume.on_train_start(trainer)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the last checkpoint was written: fold the adapters into the base weights."""
+        if not self.merge_on_fit_end or not lora_layers(pl_module):
+            return
+        merge_lora(pl_module, unload=True)
+        pl_module.__dict__[_MERGED_ATTR] = self.config
+        rank_zero_info("LoRA adapters merged into the base weights; the module holds plain layers again.")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Leave the module's own hooks as they were."""
+        for module, name in self._wrapped_hooks:
+            module.__dict__.pop(name, None)
+        self._wrapped_hooks.clear()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"config": self.config.to_dict()}
+        if self._trainer is not None:
+            state["resume"] = self._resume.state_dict(self._trainer)
+        return state
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """After the weights are loaded, before loops and optimizers: restore the resume state."""
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key, {})
+        if "resume" in state:
+            self._resume.load_state_dict(trainer, state["resume"], checkpoint)
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _chain_module_hook(self, pl_module: nn.Module, name: str, after: Callable[..., None]) -> None:
+        """Make ``pl_module.<name>(...)`` run the module's own hook, then ``after(pl_module, ...)``."""
+        if any(m is pl_module and n == name for m, n in self._wrapped_hooks):
+            return
+        original = getattr(pl_module, name)
+
+        def chained(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            after(pl_module, *args, **kwargs)
+            return out
+
+        pl_module.__dict__[name] = chained
+        self._wrapped_hooks.append((pl_module, name))
+
+    def _ensure_injected(self, pl_module: nn.Module) -> None:
+        existing = lora_config_of(pl_module)
+        if lora_layers(pl_module):
+            if existing != self.config:
+                raise ValueError(
+                    f"{type(pl_module).__name__} already holds LoRA adapters with a different config "
+                    f"({existing!r}) than this callback ({self.config!r}). Use one LoRACallback, or call "
+                    "`unload_lora(model)` first."
+                )
+            return
+        self._check_has_parameters(pl_module)
+        inject_lora(pl_module, self.config)
+        pl_module.__dict__.pop(_MERGED_ATTR, None)
+        rank_zero_info(str(summarize_lora(pl_module)))
+        self._warn_frozen_batchnorm(pl_module)
+
+    @staticmethod
+    def _check_has_parameters(pl_module: nn.Module) -> None:
+        if not any(True for _ in pl_module.parameters()):
+            raise ValueError(
+                f"LoRACallback is attached to {type(pl_module).__name__}, which has no parameters. Create the model "
+                "in `__init__` or in `configure_model` before training."
+            )
+
+    @staticmethod
+    def _warn_frozen_batchnorm(pl_module: nn.Module) -> None:
+        inside_saved = {id(m) for w in pl_module.modules() if isinstance(w, ModulesToSave) for m in w.modules()}
+        names = [
+            name
+            for name, m in pl_module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and id(m) not in inside_saved
+        ]
+        if names:
+            rank_zero_warn(
+                f"Frozen BatchNorm layers ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) still update "
+                "their running statistics in train mode, and adapter-only checkpoints do not store them. Add them to "
+                "`modules_to_save` or keep them in eval mode."
+            )
+
+    def _configure_optimizers(self) -> Any:
+        assert self._trainer is not None and self.optimizer is not None
+        pl_module = self._trainer.lightning_module
+        optimizer = build_optimizer(pl_module, self.optimizer, self.lora_b_lr_ratio)
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    def _make_checkpoint_adapter_only(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {key: state[key] for key in adapter_state_keys(pl_module) if key in state}
+        checkpoint[CHECKPOINT_CONFIG_KEY] = self.config.to_dict()
+
+    def _complete_adapter_only_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
+        source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer and self._trainer.ckpt_path else "checkpoint"
+        saved = checkpoint.get(CHECKPOINT_CONFIG_KEY)
+        try:
+            check_adapter_state(pl_module, checkpoint["state_dict"], source)
+        except ValueError as err:
+            if saved is not None:
+                diff = self.config.differences(LoRAConfig.from_dict(saved))
+                if diff:
+                    detail = ", ".join(f"{k}={theirs!r} there vs {mine!r} here" for k, (mine, theirs) in diff.items())
+                    raise ValueError(f"{err}\nThe {source} was written with other LoRA settings: {detail}.") from None
+            raise
+        # Lightning loads strictly next: complete the adapter-only state with the model's own base weights.
+        full = pl_module.state_dict()
+        full.update(checkpoint["state_dict"])
+        checkpoint["state_dict"] = full

@@ -1,0 +1,297 @@
+"""LoRA layer types: a frozen base layer plus a trainable low-rank update.
+
+Every layer computes ``h = base(x) + s · B(A(dropout(x)))`` (Hu et al. 2021, eq. 3) with
+``s = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA). The update is applied as two thin
+matrix products, ``x @ Aᵀ @ Bᵀ``, never by materialising ``B A`` in the forward pass.
+Merging folds ``ΔW = s · B A`` into the base weight once, so a merged model has no extra
+inference latency; :meth:`LoRALayer.unmerge` subtracts the same ΔW again.
+
+Parameter names follow PEFT (``base_layer``, ``lora_A.weight``, ``lora_B.weight``,
+``lora_embedding_A``, ``lora_embedding_B``) so state-dict keys map one-to-one onto PEFT's
+adapter files.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LoRAWeight(nn.Module):
+    """One factor (A or B) of a dense LoRA update: a bare ``weight`` applied as ``x @ weightᵀ``.
+
+    Deliberately *not* an ``nn.Linear``: tools that replace every ``nn.Linear`` in a model
+    (Lightning's ``BitsandbytesPrecision``, ``torch.ao`` dynamic quantization, FSDP/DeepSpeed
+    policies keyed on ``nn.Linear``) must never quantize or re-wrap an adapter.
+    """
+
+    def __init__(self, out_features: int, in_features: int, dtype: Optional[torch.dtype] = None, device: Any = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape
+        return f"in_features={in_features}, out_features={out_features}"
+
+
+class LoRALayer(nn.Module):
+    """Base class: wraps ``base_layer`` and owns the rank-``r`` update around it.
+
+    Subclasses create the adapter parameters and implement :meth:`lora_forward` (the
+    update for an input) and :meth:`delta_weight` (ΔW in the base weight's layout).
+
+    The adapter keeps ``adapter_dtype`` whatever the model is cast to afterwards
+    (``model.to(torch.bfloat16)``, Lightning's ``"bf16-true"``), so small updates are not
+    lost to bf16 rounding; device moves apply as usual.
+    """
+
+    #: Names of this layer's own trainable tensors, relative to the layer.
+    adapter_parameter_names: tuple[str, ...] = ("lora_A.weight", "lora_B.weight")
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: Optional[torch.dtype] = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.adapter_dtype = adapter_dtype
+        self.merged = False
+
+    # -- what subclasses provide -------------------------------------------------------
+    def lora_forward(self, x: Tensor) -> Tensor:
+        """The update ``s · B A x`` for input ``x`` (in the adapter's dtype)."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = s · B A in float32, shaped like ``base_layer.weight``."""
+        raise NotImplementedError
+
+    # -- shared behaviour --------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, for code that reads ``module.weight`` (e.g. its dtype)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
+    def adapter_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The adapter's own parameters as ``(name relative to this layer, parameter)``."""
+        for name, param in self.named_parameters():
+            if name in self.adapter_parameter_names:
+                yield name, param
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        return result + self.lora_forward(x).to(result.dtype)
+
+    def _adapter_input(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        # `.to` returns `x` itself when the dtype already matches: no copy in fp32.
+        return self.lora_dropout(x.to(dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (computed in float32, cast back). Idempotent."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ΔW from the base weight again, restoring it up to float rounding."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged = False
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "LoRALayer":
+        super()._apply(fn, recurse)
+        if self.adapter_dtype is not None:
+            for _, param in self.adapter_parameters():
+                if param.dtype != self.adapter_dtype:
+                    param.data = param.data.to(self.adapter_dtype)
+                    if param.grad is not None:
+                        param.grad = param.grad.to(self.adapter_dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _init_dense_pair(lora_a: nn.Parameter, lora_b: nn.Parameter) -> None:
+    # A: Kaiming-uniform as nn.Linear does (PEFT's default); B: zero, so ΔW = 0 at step 0.
+    nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+    nn.init.zeros_(lora_b)
+
+
+class LoRALinear(LoRALayer):
+    """LoRA around ``nn.Linear``: A is ``(r, in_features)``, B is ``(out_features, r)``."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, alpha: float, **kwargs: Any) -> None:
+        super().__init__(base_layer, r, alpha, **kwargs)
+        in_features, out_features = self._in_out_features()
+        device = base_layer.weight.device
+        dtype = self.adapter_dtype or base_layer.weight.dtype
+        self.lora_A = LoRAWeight(r, in_features, dtype=dtype, device=device)
+        self.lora_B = LoRAWeight(out_features, r, dtype=dtype, device=device)
+        if device.type != "meta":
+            _init_dense_pair(self.lora_A.weight, self.lora_B.weight)
+
+    def _in_out_features(self) -> tuple[int, int]:
+        out_features, in_features = self.base_layer.weight.shape
+        return in_features, out_features
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(self._adapter_input(x, self.lora_A.weight.dtype))) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        # (out, r) @ (r, in) -> (out, in), the layout of nn.Linear.weight
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+class LoRAConv1D(LoRALinear):
+    """LoRA around transformers' ``Conv1D`` (GPT-2), whose weight is stored ``(in, out)``.
+
+    A and B have the same shapes as for ``nn.Linear``; only the merge transposes ΔW
+    (PEFT's ``fan_in_fan_out=True``).
+    """
+
+    def _in_out_features(self) -> tuple[int, int]:
+        in_features, out_features = self.base_layer.weight.shape
+        return in_features, out_features
+
+    def delta_weight(self) -> Tensor:
+        return super().delta_weight().T
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA around ``nn.Embedding``.
+
+    ``lora_embedding_A`` is ``(r, num_embeddings)`` and starts at zero,
+    ``lora_embedding_B`` is ``(embedding_dim, r)`` and starts normal — the reverse of the
+    dense layers, as in PEFT — so ΔW is again zero at step 0. Dropout does not apply: the
+    inputs are token ids.
+    """
+
+    adapter_parameter_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, **kwargs: Any) -> None:
+        super().__init__(base_layer, r, alpha, **kwargs)
+        num_embeddings, embedding_dim = base_layer.weight.shape
+        device = base_layer.weight.device
+        dtype = self.adapter_dtype or base_layer.weight.dtype
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, dtype=dtype, device=device))
+        if device.type != "meta":
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        # Row lookup in Aᵀ (num_embeddings, r), with the base layer's own lookup options.
+        after_a = F.embedding(
+            x, self.lora_embedding_A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
+        return (after_a @ self.lora_embedding_B.T) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        # (embedding_dim, r) @ (r, num_embeddings) -> transpose to (num_embeddings, embedding_dim)
+        return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA around ``nn.Conv2d``.
+
+    A is a convolution with the base layer's kernel, stride, padding and dilation mapping
+    ``in_channels → r``; B is a 1×1 convolution ``r → out_channels`` (PEFT's layout:
+    ``lora_A.weight`` is ``(r, in, kh, kw)``, ``lora_B.weight`` is ``(out, r, 1, 1)``).
+    """
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, **kwargs: Any) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"LoRA supports nn.Conv2d with groups=1 only; got groups={base_layer.groups}. "
+                "Exclude grouped/depthwise convolutions with `exclude_modules`."
+            )
+        super().__init__(base_layer, r, alpha, **kwargs)
+        device = base_layer.weight.device
+        dtype = self.adapter_dtype or base_layer.weight.dtype
+        self.lora_A = nn.Conv2d(
+            base_layer.in_channels,
+            r,
+            base_layer.kernel_size,
+            base_layer.stride,
+            base_layer.padding,
+            base_layer.dilation,
+            bias=False,
+            padding_mode=base_layer.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False, device=device, dtype=dtype)
+        if device.type != "meta":
+            _init_dense_pair(self.lora_A.weight, self.lora_B.weight)
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        return self.lora_B(self.lora_A(self._adapter_input(x, self.lora_A.weight.dtype))) * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
+        if a.shape[-2:] == (1, 1):
+            # (out, r) @ (r, in) -> (out, in, 1, 1)
+            return (b.flatten(1) @ a.flatten(1))[..., None, None] * self.scaling
+        # Compose B (1×1) after A (kh×kw): treat A's input channels as a batch.
+        return F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3) * self.scaling
+
+
+def conv1d_type() -> Optional[type]:
+    """transformers' ``Conv1D`` class if transformers is already imported, else None.
+
+    Importing transformers takes seconds; a model that contains ``Conv1D`` has imported it
+    already, so we never import it ourselves.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def lora_layer_class(module: nn.Module) -> Optional[type[LoRALayer]]:
+    """The LoRA layer type that can wrap ``module``, or None if its type is unsupported."""
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return LoRAConv1D
+    if isinstance(module, nn.Linear):
+        return LoRALinear
+    if isinstance(module, nn.Embedding):
+        return LoRAEmbedding
+    if isinstance(module, nn.Conv2d):
+        return LoRAConv2d
+    return None
+
+
+SUPPORTED_TYPES = ("nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv2d")

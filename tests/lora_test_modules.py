@@ -1,0 +1,121 @@
+"""Ordinary LightningModules and data shared by the callback tests: tiny, built from configs, offline."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import BertConfig, BertForSequenceClassification
+
+VOCAB = 100
+SEQ = 8
+
+
+def tiny_bert_config(**overrides) -> BertConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(**overrides)).eval()
+
+
+def token_data(n: int = 48, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, SEQ), generator=g)
+    labels = (ids[:, 0] > VOCAB // 2).long()  # learnable: label depends on the first token
+    return TensorDataset(ids, labels)
+
+
+def token_loader(n: int = 48, batch_size: int = 8, shuffle: bool = False, seed: int = 1) -> DataLoader:
+    generator = torch.Generator().manual_seed(1234) if shuffle else None
+    return DataLoader(token_data(n, seed), batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+class BertClassifier(pl.LightningModule):
+    """The kind of module a user already has: a transformers model, a loss, AdamW over self.parameters()."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2, **config_overrides) -> None:
+        super().__init__()
+        self.model = tiny_bert(seed, **config_overrides)
+        self.lr = lr
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+    def training_step(self, batch, batch_idx):
+        ids, labels = batch
+        loss = nn.functional.cross_entropy(self(ids).float(), labels)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, labels = batch
+        loss = nn.functional.cross_entropy(self(ids).float(), labels)
+        self.log("val_loss", loss)
+        return loss
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+
+class LazyBertClassifier(BertClassifier):
+    """Builds its model in `configure_model`, as Lightning recommends for large models."""
+
+    def __init__(self, seed: int = 0, lr: float = 1e-2) -> None:
+        pl.LightningModule.__init__(self)
+        self.seed, self.lr, self.model = seed, lr, None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_bert(self.seed)
+
+
+class EarlyOptimizerClassifier(BertClassifier):
+    """A common mistake: parameters collected in __init__, before LoRA exists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.params_at_init = list(self.parameters())
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.params_at_init, lr=self.lr)
+
+
+class NoParams(pl.LightningModule):
+    def training_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return None
+
+
+def fit_kwargs(tmp_path, **overrides) -> dict:
+    values = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    values.update(overrides)
+    return values
