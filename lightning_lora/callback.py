@@ -30,6 +30,8 @@ from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
 
 #: Top-level checkpoint key holding the LoRA config (present in every checkpoint we write).
 CHECKPOINT_CONFIG_KEY = "lora_config"
+#: Top-level checkpoint key holding the data position and RNG states for an exact resume.
+CHECKPOINT_RESUME_KEY = "lora_resume_state"
 _MERGED_ATTR = "_lora_merged_config"
 
 
@@ -175,20 +177,28 @@ class LoRACallback(Callback):
         self._wrapped_hooks.clear()
 
     @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the RNG states each epoch's shuffle is drawn from, for a mid-epoch resume."""
+        self._resume.on_train_epoch_start(trainer)
+
+    @override
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"config": self.config.to_dict()}
-        if self._trainer is not None:
-            state["resume"] = self._resume.state_dict(self._trainer)
-        return state
+        return {"config": self.config.to_dict()}
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Full (not weights-only) checkpoints: add the data position and RNG states an exact resume needs."""
+        checkpoint[CHECKPOINT_RESUME_KEY] = self._resume.state_dict(trainer)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """After the weights are loaded, before loops and optimizers: restore the resume state."""
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key, {})
-        if "resume" in state:
-            self._resume.load_state_dict(trainer, state["resume"], checkpoint)
+        """After the weights are loaded, before loops and optimizers: prepare the exact resume."""
+        if CHECKPOINT_RESUME_KEY in checkpoint:
+            self._resume.load_state_dict(trainer, checkpoint[CHECKPOINT_RESUME_KEY], checkpoint)
 
     # -- internals ---------------------------------------------------------------------------------
     def _chain_module_hook(self, pl_module: nn.Module, name: str, after: Callable[..., None]) -> None:

@@ -80,7 +80,7 @@ class LoRAConfig:
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
-            self.modules_to_save = _normalize_spec(list(self.modules_to_save), "modules_to_save")
+            self.modules_to_save = _normalize_spec(self.modules_to_save, "modules_to_save")
         if isinstance(self.adapter_dtype, str):
             self.adapter_dtype = _parse_dtype(self.adapter_dtype)
         if self.adapter_dtype is not None and not (

@@ -60,6 +60,12 @@ def _matches(name: str, spec: TargetSpec) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in spec)
 
 
+def _inside(name: str, spec: TargetSpec) -> bool:
+    """Whether ``name`` or one of its ancestors matches ``spec``."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), spec) for i in range(1, len(parts) + 1))
+
+
 def _output_heads(model: nn.Module) -> set[int]:
     """ids of output-embedding layers (``lm_head``) of any Hugging Face model inside."""
     heads = set()
@@ -113,8 +119,8 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             continue
         if config.exclude_modules is not None and _matches(name, config.exclude_modules):
             continue
-        if config.modules_to_save is not None and _matches(name, config.modules_to_save):
-            continue
+        if config.modules_to_save is not None and _inside(name, config.modules_to_save):
+            continue  # a module trained in full (or inside one) gets no adapter, as in PEFT
         if spec == ALL_LINEAR:
             if not _is_linear_like(module) or id(module) in heads:
                 continue
@@ -210,7 +216,10 @@ def inject_lora(model: nn.Module, config: Optional[LoRAConfig] = None, **config_
         if id(base) not in wrapped:
             layer = lora_layer_class(base)(base, config.r, config.alpha, **layer_kwargs)
             wrapped[id(base)] = layer.train(base.training)  # adapters in an eval-mode model must not drop out
-        _replace(model, name, wrapped[id(base)])
+    # named_modules() lists a shared module once; every path to it must get the wrapper.
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and id(module) in wrapped:
+            _replace(model, name, wrapped[id(module)])
     for name in to_save:
         _replace(model, name, ModulesToSave(model.get_submodule(name)))
     _freeze_base(model, config)
@@ -233,6 +242,9 @@ def _freeze_base(model: nn.Module, config: LoRAConfig) -> None:
         for name, param in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 param.requires_grad_(True)
+        for module in model.modules():
+            if isinstance(module, ModulesToSave):
+                module.original_module.requires_grad_(False)  # kept only to restore, never trained
 
 
 def _no_op_pre_hook(module: nn.Module, args: Any) -> None:
@@ -282,9 +294,12 @@ def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
             copies of ``modules_to_save``. Otherwise the original model comes back
             (merged adapters are unmerged first, original ``modules_to_save`` restored).
     """
-    for name, layer in _require_lora_layers(model, "unload_lora").items():
+    for layer in _require_lora_layers(model, "unload_lora").values():
         layer.merge() if merge else layer.unmerge()
-        _replace(model, name, layer.base_layer)
+    # Every path to a shared wrapper, not only the first one named_modules() reports.
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and isinstance(module, LoRALayer):
+            _replace(model, name, module.base_layer)
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             _replace(model, name, module.modules_to_save if merge else module.original_module)

@@ -117,7 +117,7 @@ class LoRALayer(nn.Module):
         """Fold ΔW into the base weight (computed in float32, cast back). Idempotent."""
         if self.merged:
             return
-        weight = self.base_layer.weight
+        weight = self._mergeable_base_weight()
         weight.copy_((weight.float() + self.delta_weight().to(weight.device)).to(weight.dtype))
         self.merged = True
 
@@ -126,18 +126,37 @@ class LoRALayer(nn.Module):
         """Subtract ΔW from the base weight again, restoring it up to float rounding."""
         if not self.merged:
             return
-        weight = self.base_layer.weight
+        weight = self._mergeable_base_weight()
         weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
         self.merged = False
 
+    def _mergeable_base_weight(self) -> Tensor:
+        weight = self.base_layer.weight
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"Cannot merge LoRA into {type(self.base_layer).__name__}: its weight is stored as {weight.dtype} "
+                "(quantized). Keep the adapters separate (merge_on_fit_end=False) or merge into an unquantized copy "
+                "of the base model."
+            )
+        return weight
+
     def _apply(self, fn: Any, recurse: bool = True) -> "LoRALayer":
+        if self.adapter_dtype is None:
+            return super()._apply(fn, recurse)
+        # Keep the tensors from before the conversion: casting `fn`'s result (e.g. bf16) back
+        # to fp32 would keep the dtype but lose the adapter's precision.
+        before = {
+            name: (param.detach(), None if param.grad is None else param.grad.detach())
+            for name, param in self.adapter_parameters()
+        }
         super()._apply(fn, recurse)
-        if self.adapter_dtype is not None:
-            for _, param in self.adapter_parameters():
-                if param.dtype != self.adapter_dtype:
-                    param.data = param.data.to(self.adapter_dtype)
-                    if param.grad is not None:
-                        param.grad = param.grad.to(self.adapter_dtype)
+        for name, param in self.adapter_parameters():
+            data, grad = before[name]
+            if param.dtype != self.adapter_dtype:
+                param.data = data.to(device=param.device, dtype=self.adapter_dtype)
+            if param.grad is not None and param.grad.dtype != self.adapter_dtype:
+                source = grad if grad is not None else param.grad
+                param.grad = source.to(device=param.grad.device, dtype=self.adapter_dtype)
         return self
 
     def extra_repr(self) -> str:
