@@ -150,7 +150,7 @@ def main() -> None:
     tokenizer.save_pretrained(output_dir / "merged")
     print(summary)
     print(f"trainable: {summary.trainable_params:,} of {summary.total_params:,} params ({summary.trainable_percent:.2f}%)")
-    print(f"adapter-only checkpoint: {ckpt_bytes / 1e6:.3f} MB vs full model weights {full_bytes / 1e6:.2f} MB "
+    print(f"adapter-only checkpoint (with optimizer and resume state): {ckpt_bytes / 1e6:.3f} MB vs full model weights {full_bytes / 1e6:.2f} MB "
           f"({100 * ckpt_bytes / full_bytes:.2f}%) -> {checkpoint.last_model_path}")
     print(f"validation accuracy: {before:.3f} before, {after:.3f} after LoRA fine-tuning (merged model)")
     print(f"merged model saved with save_pretrained -> {output_dir / 'merged'}")

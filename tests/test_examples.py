@@ -1,0 +1,32 @@
+"""The README's main-job command, run as a user would (offline, embedded default)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "existing_module.py"
+
+
+def test_existing_module_example_trains_saves_adapter_only_and_merged(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--max_epochs", "3", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "trainable: 4,226 of" in result.stdout
+    assert "adapter-only checkpoint" in result.stdout
+
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all(".lora_" in k or ".modules_to_save." in k for k in checkpoint["state_dict"])
+    assert checkpoint["lora_config"]["target_modules"] == ["query", "value"]
+
+    # The merged export is a plain transformers model whose weights carry what LoRA learned.
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert type(merged.bert.encoder.layer[0].attention.self.query) is torch.nn.Linear
+    head = checkpoint["state_dict"]["model.classifier.modules_to_save.weight"]
+    assert torch.equal(merged.classifier.weight, head)
