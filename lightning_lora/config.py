@@ -130,9 +130,10 @@ def _normalize_spec(spec: Any, name: str) -> TargetSpec:
         if not spec or not all(isinstance(s, str) and s for s in spec):
             raise ValueError(f"`{name}` must be a non-empty list of module names, got {spec!r}.")
         return list(spec)
-    raise TypeError(
-        f"`{name}` must be a list of module names, a regex string or 'all-linear', got {type(spec).__name__}: {spec!r}."
-    )
+    kinds = "a list of module names" if name == "modules_to_save" else "a list of module names, a regex string"
+    if name == "target_modules":
+        kinds += " or 'all-linear'"
+    raise TypeError(f"`{name}` must be {kinds}, got {type(spec).__name__}: {spec!r}.")
 
 
 def _parse_dtype(name: str) -> torch.dtype:

@@ -222,6 +222,7 @@ class LoRAEmbedding(LoRALayer):
 
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, **kwargs: Any) -> None:
         super().__init__(base_layer, r, alpha, **kwargs)
+        self.lora_dropout = nn.Identity()  # inputs are token ids: nothing to drop (as in PEFT)
         num_embeddings, embedding_dim = base_layer.weight.shape
         device = base_layer.weight.device
         dtype = self.adapter_dtype or base_layer.weight.dtype

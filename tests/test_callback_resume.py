@@ -98,3 +98,19 @@ def test_full_checkpoint_without_adapters_is_an_error(tmp_path):
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="missing `model.bert.encoder.layer.0.attention.self.query.lora_A.weight`"):
         train(tmp_path / "b", BertClassifier(), max_steps=2, ckpt_path=tmp_path / "plain.ckpt")
+
+
+def test_validate_from_adapter_only_checkpoint_in_a_fresh_module(tmp_path):
+    module = BertClassifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6)
+    train(tmp_path, module, max_steps=6, checkpoint=checkpoint, dropout=0.0)
+    val = token_loader(n=16)
+    trained = pl.Trainer(**fit_kwargs(tmp_path)).validate(module, val, verbose=False)[0]["val_loss"]
+
+    fresh = BertClassifier()
+    callback = LoRACallback(**{**LORA, "dropout": 0.0})
+    trainer = pl.Trainer(callbacks=[callback], **fit_kwargs(tmp_path / "b"))
+    restored = trainer.validate(fresh, val, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt", verbose=False)
+    untrained = pl.Trainer(**fit_kwargs(tmp_path / "c")).validate(BertClassifier(), val, verbose=False)[0]["val_loss"]
+    assert restored[0]["val_loss"] == pytest.approx(trained, abs=1e-6)
+    assert abs(untrained - trained) > 1e-3  # the checkpoint really carried the training
