@@ -16,7 +16,6 @@ import re
 from collections import Counter
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from lightning_lora.config import ALL_LINEAR, LoRAConfig, TargetSpec

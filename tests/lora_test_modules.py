@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 100
 SEQ = 8
@@ -31,6 +31,24 @@ def tiny_bert_config(**overrides) -> BertConfig:
 def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     return BertForSequenceClassification(tiny_bert_config(**overrides)).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tie,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
 
 
 def token_data(n: int = 48, seed: int = 1) -> TensorDataset:

@@ -20,7 +20,7 @@ from lora_test_modules import (
 )
 from torch import nn
 
-from lightning_lora import LoRACallback, LoRALinear, ModulesToSave, lora_layers
+from lightning_lora import LoRACallback, ModulesToSave, lora_layers
 from lightning_lora.callback import CHECKPOINT_CONFIG_KEY
 
 TARGETS = dict(r=4, alpha=8, target_modules=["query", "value"], modules_to_save=["classifier"])

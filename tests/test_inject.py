@@ -9,17 +9,10 @@ import logging
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5Model,
-)
+from transformers import BertForSequenceClassification, T5Config, T5Model
 from transformers.pytorch_utils import Conv1D
+
+import lora_test_modules as shared
 
 from lightning_lora import (
     LoRAConfig,
@@ -41,44 +34,16 @@ from lightning_lora import (
 from lightning_lora.inject import lora_config_of
 from lightning_lora.layers import LoRAConv1D, LoRAEmbedding, LoRALinear
 
-VOCAB = 100
+VOCAB = shared.VOCAB
 
 
 # -- tiny models ---------------------------------------------------------------------------
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config).eval()
+    return shared.tiny_bert(seed, num_labels=3)
 
 
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
-
-
-def tiny_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
+tiny_gpt2 = shared.tiny_gpt2
+tiny_llama = shared.tiny_llama
 
 
 def tiny_t5() -> T5Model:

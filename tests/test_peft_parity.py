@@ -10,59 +10,22 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import BertForSequenceClassification
+
+import lora_test_modules as shared
 
 from lightning_lora import LoRAConfig, adapter_state_dict, find_lora_targets, inject_lora, lora_layers, merge_lora
 
-VOCAB = 100
+VOCAB = shared.VOCAB
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def tiny_bert() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertForSequenceClassification(config).eval()
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    return shared.tiny_bert(seed, num_labels=3)
 
 
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config).eval()
-
-
-def tiny_llama(tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).eval()
+tiny_gpt2 = shared.tiny_gpt2
+tiny_llama = shared.tiny_llama
 
 
 class MLP(nn.Module):
