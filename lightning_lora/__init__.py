@@ -8,8 +8,21 @@ Public API::
     adapter_state_dict, check_adapter_state, find_lora_targets
     plan_lora, summarize_lora, LoRASummary               # dry run and summary
     lora_param_groups, build_optimizer                   # optimizer groups (LoRA+)
+    add_adapter, set_active_adapter, delete_adapter, active_adapter, list_adapters   # task switching
+    get_adapter_state, set_adapter_state, get_adapter_config
+    save_adapter, load_adapter, load_adapter_checkpoint, save_merged   # adapter files
 """
 
+from lightning_lora.adapters import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    get_adapter_config,
+    get_adapter_state,
+    list_adapters,
+    set_active_adapter,
+    set_adapter_state,
+)
 from lightning_lora.callback import LoRACallback
 from lightning_lora.config import LoRAConfig
 from lightning_lora.inject import (
@@ -24,6 +37,7 @@ from lightning_lora.inject import (
     unload_lora,
     unmerge_lora,
 )
+from lightning_lora.io import load_adapter, load_adapter_checkpoint, save_adapter, save_merged
 from lightning_lora.layers import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.optim import build_optimizer, lora_param_groups
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
@@ -40,16 +54,28 @@ __all__ = [
     "LoRALinear",
     "LoRASummary",
     "ModulesToSave",
+    "active_adapter",
     "adapter_state_dict",
     "adapter_state_keys",
+    "add_adapter",
     "build_optimizer",
     "check_adapter_state",
+    "delete_adapter",
     "find_lora_targets",
+    "get_adapter_config",
+    "get_adapter_state",
     "inject_lora",
+    "list_adapters",
+    "load_adapter",
+    "load_adapter_checkpoint",
     "lora_layers",
     "lora_param_groups",
     "merge_lora",
     "plan_lora",
+    "save_adapter",
+    "save_merged",
+    "set_active_adapter",
+    "set_adapter_state",
     "summarize_lora",
     "unload_lora",
     "unmerge_lora",

@@ -23,12 +23,11 @@ from lightning_lora.inject import (
     lora_layers,
     merge_lora,
 )
+from lightning_lora.io import CHECKPOINT_CONFIG_KEY, save_adapter
 from lightning_lora.optim import OptimizerFactory, build_optimizer, check_optimizer_covers_trainable
 from lightning_lora.resume import ResumeState
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
 
-#: Top-level checkpoint key holding the LoRA config (present in every checkpoint we write).
-CHECKPOINT_CONFIG_KEY = "lora_config"
 #: Top-level checkpoint key holding the data position and RNG states for an exact resume.
 CHECKPOINT_RESUME_KEY = "lora_resume_state"
 _MERGED_ATTR = "_lora_merged_config"
@@ -61,6 +60,9 @@ class LoRACallback(Callback):
             every training step (warm-up and decay schedules are per step in LoRA recipes).
         lora_b_lr_ratio: With ``optimizer``: LoRA+ — the B matrices' learning rate is the
             base rate times this ratio.
+        save_peft_dir: When ``fit`` ends (before any merge), write the trained adapter to
+            this directory as a PEFT adapter (see :func:`~lightning_lora.save_adapter`),
+            loadable with ``peft.PeftModel.from_pretrained``. Global rank zero only.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class LoRACallback(Callback):
         optimizer: Optional[OptimizerFactory] = None,
         lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
         lora_b_lr_ratio: float = 1.0,
+        save_peft_dir: Optional[str] = None,
     ) -> None:
         self.config = config or LoRAConfig(
             r=r,
@@ -105,6 +108,7 @@ class LoRACallback(Callback):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lora_b_lr_ratio = lora_b_lr_ratio
+        self.save_peft_dir = save_peft_dir
         self._resume = ResumeState()
         self._trainer: Optional[pl.Trainer] = None
         self._wrapped_hooks: list[tuple[nn.Module, str]] = []
@@ -161,7 +165,10 @@ class LoRACallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After the last checkpoint was written: fold the adapters into the base weights."""
+        """After the last checkpoint was written: export the PEFT directory, then fold the adapters in."""
+        if self.save_peft_dir is not None and lora_layers(pl_module) and trainer.is_global_zero:
+            save_adapter(pl_module, self.save_peft_dir)
+            rank_zero_info(f"LoRA adapter written in PEFT format to {self.save_peft_dir}.")
         if not self.merge_on_fit_end or not lora_layers(pl_module):
             return
         merge_lora(pl_module, unload=True)
