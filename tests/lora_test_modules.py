@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 from torch import nn
@@ -137,3 +140,10 @@ def fit_kwargs(tmp_path, **overrides) -> dict:
     )
     values.update(overrides)
     return values
+
+
+def readme_block(section: str) -> str:
+    """The first ```python block of README.md's section ``## <section>``."""
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1)

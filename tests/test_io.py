@@ -288,18 +288,12 @@ def test_save_merged_plain_module_is_a_safetensors_state_dict(tmp_path):
 
 
 # -- README ------------------------------------------------------------------------------------
-def readme_block(section: str) -> str:
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
-    return re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1)
-
-
 def test_readme_use_your_adapter_elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shared.tiny_bert().save_pretrained(tmp_path / "base")
     model = adapted("bert", ["query", "value"], ["classifier"])
     namespace = {"model": model, "base_dir": str(tmp_path / "base")}
-    exec(readme_block("Use your adapter elsewhere"), namespace)  # noqa: S102 -- our own README code
+    exec(shared.readme_block("Use your adapter elsewhere"), namespace)  # noqa: S102 -- our own README code
     for name in ("peft_model", "fresh", "merged"):
         torch.testing.assert_close(logits(namespace[name].eval()), logits(model), **TOL)
 
