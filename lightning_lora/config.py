@@ -25,6 +25,8 @@ import torch
 TargetSpec = Union[str, list[str], tuple[str, ...]]
 
 ALL_LINEAR = "all-linear"
+#: The projections of ``nn.MultiheadAttention`` that can carry adapters, in packed order.
+MHA_PROJECTIONS = ("q", "k", "v", "out")
 _BIAS_MODES = ("none", "lora_only", "all")
 
 
@@ -51,6 +53,10 @@ class LoRAConfig:
         adapter_dtype: Dtype the adapter weights keep even when the model is cast (e.g. by
             Lightning's ``"bf16-true"`` precision). ``None`` lets adapters follow the base
             model's dtype.
+        mha_projections: For each targeted ``nn.MultiheadAttention``: which of its projections
+            get adapters, out of ``"q"``, ``"k"``, ``"v"`` (slices of the packed
+            ``in_proj_weight``, sharing one A as in PEFT) and ``"out"`` (``out_proj``). The
+            default, all four, is PEFT's layout. See :mod:`lightning_lora.mha`.
     """
 
     r: int = 8
@@ -62,6 +68,7 @@ class LoRAConfig:
     bias: Literal["none", "lora_only", "all"] = "none"
     use_rslora: bool = False
     adapter_dtype: Optional[Union[torch.dtype, str]] = torch.float32
+    mha_projections: tuple[str, ...] = MHA_PROJECTIONS
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -81,6 +88,7 @@ class LoRAConfig:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
             self.modules_to_save = _normalize_spec(self.modules_to_save, "modules_to_save")
+        self.mha_projections = _normalize_mha_projections(self.mha_projections)
         if isinstance(self.adapter_dtype, str):
             self.adapter_dtype = _parse_dtype(self.adapter_dtype)
         if self.adapter_dtype is not None and not (
@@ -99,7 +107,7 @@ class LoRAConfig:
     def to_dict(self) -> dict[str, Any]:
         """A plain, JSON- and ``torch.load(weights_only=True)``-safe dict of this config."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        for key in ("target_modules", "exclude_modules", "modules_to_save", "mha_projections"):
             if isinstance(out[key], tuple):
                 out[key] = list(out[key])
         if out["adapter_dtype"] is not None:
@@ -134,6 +142,21 @@ def _normalize_spec(spec: Any, name: str) -> TargetSpec:
     if name == "target_modules":
         kinds += " or 'all-linear'"
     raise TypeError(f"`{name}` must be {kinds}, got {type(spec).__name__}: {spec!r}.")
+
+
+def _normalize_mha_projections(value: Any) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(items, (list, tuple))
+        or not items
+        or any(p not in MHA_PROJECTIONS for p in items)
+        or len(set(items)) != len(items)
+    ):
+        raise ValueError(
+            f"`mha_projections` must be a non-empty list of distinct names out of {list(MHA_PROJECTIONS)}, "
+            f"got {value!r}. E.g. ('q', 'v') adapts the query and value slices of in_proj_weight only."
+        )
+    return tuple(p for p in MHA_PROJECTIONS if p in items)  # canonical order, so equal configs compare equal
 
 
 def _parse_dtype(name: str) -> torch.dtype:

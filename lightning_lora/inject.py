@@ -66,7 +66,37 @@ def _inside(name: str, spec: TargetSpec) -> bool:
 
 
 def _output_heads(model: nn.Module) -> set[int]:
-    """ids of output-embedding layers (``lm_head``) of any Hugging Face model inside."""
+    """ids of output layers that ``"all-linear"`` leaves alone.
+
+    The output embedding (``lm_head``) of any Hugging Face model inside, as PEFT does.
+    A model without one that is built from PyTorch's transformer blocks (``nn.Transformer``,
+    ``nn.TransformerEncoder``/``Decoder`` or their layers; e.g. Lightning's demo
+    ``Transformer``) has its output head found by position: its last ``nn.Linear`` when
+    that lies outside every block.
+    """
+    heads = _hf_output_heads(model)
+    if heads:
+        return heads
+    blocks = [n for n, m in model.named_modules() if n and isinstance(m, _TORCH_TRANSFORMER_BLOCKS)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if blocks and linears:
+        name, last = linears[-1]
+        if not any(name.startswith(block + ".") for block in blocks):
+            log.info("all-linear: not adapting `%s`, the output head after the transformer blocks.", name)
+            heads.add(id(last))
+    return heads
+
+
+_TORCH_TRANSFORMER_BLOCKS = (
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def _hf_output_heads(model: nn.Module) -> set[int]:
     heads = set()
     for module in model.modules():
         get_head = getattr(module, "get_output_embeddings", None)
@@ -86,6 +116,7 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 
 def _mha_out_projs(model: nn.Module) -> dict[int, str]:
+    """id of each ``nn.MultiheadAttention.out_proj`` → qualified name of its attention module."""
     return {id(m.out_proj): n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
 
 
@@ -104,15 +135,26 @@ def _candidate_names(model: nn.Module) -> list[str]:
 def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Qualified names of the modules ``config`` would wrap with LoRA layers.
 
+    ``nn.MultiheadAttention`` modules are listed by their own name: selecting one (by
+    name, or by ``"all-linear"``) adapts the projections in ``config.mha_projections``;
+    selecting only its ``out_proj`` adapts that projection through the attention module
+    (whose forward reads ``out_proj.weight`` directly), see :mod:`lightning_lora.mha`.
+
     Raises:
         ValueError: nothing matches (the message lists candidate names), or a matched
             module cannot be adapted.
         TypeError: a matched module's type is not supported.
     """
+    return list(_select_targets(model, config))
+
+
+def _select_targets(model: nn.Module, config: LoRAConfig) -> dict[str, Optional[tuple[str, ...]]]:
+    """Target name → the attention projections to adapt (None for modules other than MHA)."""
     spec = config.target_modules
     heads = _output_heads(model) if spec == ALL_LINEAR else set()
     mha_out = _mha_out_projs(model)
-    targets = []
+    targets: dict[str, Optional[tuple[str, ...]]] = {}
+    out_only: list[str] = []  # attention modules selected only through their out_proj
     for name, module in model.named_modules():
         if not name or isinstance(module, (LoRALayer, ModulesToSave)):
             continue
@@ -121,16 +163,13 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         if config.modules_to_save is not None and _inside(name, config.modules_to_save):
             continue  # a module trained in full (or inside one) gets no adapter, as in PEFT
         if spec == ALL_LINEAR:
-            if not _is_linear_like(module) or id(module) in heads:
-                continue
-            if id(module) in mha_out:
-                log.warning(
-                    "Not adapting `%s`: nn.MultiheadAttention reads out_proj.weight directly, so a LoRA wrapper "
-                    "there would never run.",
-                    name,
-                )
-                continue
+            is_attention = isinstance(module, nn.MultiheadAttention)
+            if id(module) in mha_out or id(module) in heads or not (is_attention or _is_linear_like(module)):
+                continue  # an out_proj is adapted through its attention module
         elif not _matches(name, spec):
+            continue
+        if id(module) in mha_out:
+            out_only.append(mha_out[id(module)])
             continue
         if lora_layer_class(module) is None:
             raise TypeError(
@@ -138,13 +177,21 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
                 f"cannot adapt. Supported types: {', '.join(SUPPORTED_TYPES)}. Target its sub-layers instead, "
                 f"e.g. one of: {', '.join(_candidate_names(module)) or '(none)'}."
             )
-        if id(module) in mha_out:
-            raise ValueError(
-                f"Target `{name}` is the out_proj of nn.MultiheadAttention `{mha_out[id(module)]}`, whose forward "
-                "reads out_proj.weight directly: a LoRA wrapper there would never run nor train. "
-                "Exclude it (exclude_modules) or adapt the feed-forward Linear layers instead."
-            )
-        targets.append(name)
+        targets[name] = config.mha_projections if isinstance(module, nn.MultiheadAttention) else None
+    for name in out_only:
+        if name not in targets:
+            log.info("Adapting `%s.out_proj` through its nn.MultiheadAttention `%s`.", name, name)
+            targets[name] = ("out",)
+    for name, projections in targets.items():
+        if projections is not None and "out" in projections and config.exclude_modules is not None:
+            if _matches(f"{name}.out_proj", config.exclude_modules):
+                kept = tuple(p for p in projections if p != "out")
+                if not kept:
+                    raise ValueError(
+                        f"`{name}.out_proj` is excluded and mha_projections={config.mha_projections!r} selects nothing "
+                        f"else of the attention module `{name}`: nothing would be adapted there. Exclude `{name}` too."
+                    )
+                targets[name] = kept
     if not targets:
         raise ValueError(
             f"target_modules={spec!r} matched no module of {type(model).__name__}"
@@ -152,7 +199,8 @@ def find_lora_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
             + ". A list entry matches a module name or its dotted suffix; a string is a full-match regex. "
             f"Candidate module names (supported types): {', '.join(_candidate_names(model)) or '(none)'}."
         )
-    return targets
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(targets.items(), key=lambda item: order[item[0]]))
 
 
 def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> list[str]:
@@ -206,14 +254,15 @@ def inject_lora(model: nn.Module, config: Optional[LoRAConfig] = None, **config_
             f"{type(model).__name__} already holds LoRA layers ({', '.join(list(lora_layers(model))[:3])}, ...). "
             "Call `unload_lora(model)` (or `merge_lora(model, unload=True)`) before injecting again."
         )
-    targets = find_lora_targets(model, config)
+    targets = _select_targets(model, config)
     to_save = find_modules_to_save(model, config)
     layer_kwargs = dict(dropout=config.dropout, use_rslora=config.use_rslora, adapter_dtype=config.adapter_dtype)
     wrapped: dict[int, nn.Module] = {}  # a module shared at two paths gets one wrapper
-    for name in targets:
+    for name, projections in targets.items():
         base = model.get_submodule(name)
         if id(base) not in wrapped:
-            layer = lora_layer_class(base)(base, config.r, config.alpha, **layer_kwargs)
+            extra = {} if projections is None else {"projections": projections}
+            layer = lora_layer_class(base)(base, config.r, config.alpha, **layer_kwargs, **extra)
             wrapped[id(base)] = layer.train(base.training)  # adapters in an eval-mode model must not drop out
     # named_modules() lists a shared module once; every path to it must get the wrapper.
     for name, module in list(model.named_modules(remove_duplicate=False)):
@@ -295,8 +344,9 @@ def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     for layer in _require_lora_layers(model, "unload_lora").values():
         layer.merge() if merge else layer.unmerge()
-    # Every path to a shared wrapper, not only the first one named_modules() reports.
-    for name, module in list(model.named_modules(remove_duplicate=False)):
+    # Every path to a shared wrapper, not only the first one named_modules() reports; inner
+    # wrappers (an attention module's out_proj) before the outer one that holds them.
+    for name, module in reversed(list(model.named_modules(remove_duplicate=False))):
         if name and isinstance(module, LoRALayer):
             _replace(model, name, module.base_layer)
     for name, module in list(model.named_modules()):

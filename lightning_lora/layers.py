@@ -245,24 +245,33 @@ class LoRAEmbedding(LoRALayer):
         return (self.lora_embedding_B.float() @ self.lora_embedding_A.float()).T * self.scaling
 
 
-class LoRAConv2d(LoRALayer):
-    """LoRA around ``nn.Conv2d``.
+class LoRAConvNd(LoRALayer):
+    """LoRA around ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (one class, the base layer's dimensionality).
 
-    A is a convolution with the base layer's kernel, stride, padding and dilation mapping
-    ``in_channels → r``; B is a 1×1 convolution ``r → out_channels`` (PEFT's layout:
-    ``lora_A.weight`` is ``(r, in, kh, kw)``, ``lora_B.weight`` is ``(out, r, 1, 1)``).
+    A is a convolution of the base layer's own type with its kernel, stride, padding,
+    dilation and padding mode mapping ``in_channels → r``; B is a 1×…×1 convolution
+    ``r → out_channels``. PEFT's layout: ``lora_A.weight`` is ``(r, in, *kernel)``,
+    ``lora_B.weight`` is ``(out, r, 1, ...)``. Because B is pointwise,
+    ``B(A(x)) = conv(x, ΔW)`` with ``ΔW[o, i, ...] = Σ_k B[o, k] · A[k, i, ...]``, which is
+    what :meth:`delta_weight` folds into the base kernel.
+
+    Grouped and depthwise convolutions (``groups > 1``) are rejected: their kernel sees
+    only ``in_channels / groups`` inputs, which a dense A does not respect.
     """
 
-    def __init__(self, base_layer: nn.Conv2d, r: int, alpha: float, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, **kwargs: Any) -> None:
+        conv_type = next((t for t in _CONV_TYPES if isinstance(base_layer, t)), None)
+        if conv_type is None or type(self) not in (LoRAConvNd, _CONV_LORA[conv_type]):
+            raise TypeError(f"{type(self).__name__} cannot wrap a {type(base_layer).__name__}; use lora_layer_class().")
         if base_layer.groups != 1:
             raise ValueError(
-                f"LoRA supports nn.Conv2d with groups=1 only; got groups={base_layer.groups}. "
-                "Exclude grouped/depthwise convolutions with `exclude_modules`."
+                f"LoRA supports nn.{conv_type.__name__} with groups=1 only; got groups={base_layer.groups} (a grouped "
+                "or depthwise convolution). Exclude grouped/depthwise convolutions with `exclude_modules`."
             )
         super().__init__(base_layer, r, alpha, **kwargs)
         device = base_layer.weight.device
         dtype = self.adapter_dtype or base_layer.weight.dtype
-        self.lora_A = nn.Conv2d(
+        self.lora_A = conv_type(
             base_layer.in_channels,
             r,
             base_layer.kernel_size,
@@ -274,7 +283,7 @@ class LoRAConv2d(LoRALayer):
             device=device,
             dtype=dtype,
         )
-        self.lora_B = nn.Conv2d(r, base_layer.out_channels, 1, bias=False, device=device, dtype=dtype)
+        self.lora_B = conv_type(r, base_layer.out_channels, 1, bias=False, device=device, dtype=dtype)
         if device.type != "meta":
             _init_dense_pair(self.lora_A.weight, self.lora_B.weight)
 
@@ -282,12 +291,29 @@ class LoRAConv2d(LoRALayer):
         return self.lora_B(self.lora_A(self._adapter_input(x, self.lora_A.weight.dtype))) * self.scaling
 
     def delta_weight(self) -> Tensor:
-        a, b = self.lora_A.weight.float(), self.lora_B.weight.float()
-        if a.shape[-2:] == (1, 1):
-            # (out, r) @ (r, in) -> (out, in, 1, 1)
-            return (b.flatten(1) @ a.flatten(1))[..., None, None] * self.scaling
-        # Compose B (1×1) after A (kh×kw): treat A's input channels as a batch.
-        return F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3) * self.scaling
+        # (out, r) contracted with (r, in, *kernel) -> (out, in, *kernel)
+        b = self.lora_B.weight.float().flatten(1)
+        return torch.tensordot(b, self.lora_A.weight.float(), dims=1) * self.scaling
+
+
+class LoRAConv1d(LoRAConvNd):
+    """LoRA around ``torch.nn.Conv1d`` (audio). Not transformers' ``Conv1D``: see :class:`LoRAConv1D`."""
+
+
+class LoRAConv2d(LoRAConvNd):
+    """LoRA around ``nn.Conv2d`` (images)."""
+
+
+class LoRAConv3d(LoRAConvNd):
+    """LoRA around ``nn.Conv3d`` (video, volumes)."""
+
+
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_LORA: dict[type[nn.Module], type[LoRAConvNd]] = {
+    nn.Conv1d: LoRAConv1d,
+    nn.Conv2d: LoRAConv2d,
+    nn.Conv3d: LoRAConv3d,
+}
 
 
 def conv1d_type() -> Optional[type]:
@@ -309,9 +335,22 @@ def lora_layer_class(module: nn.Module) -> Optional[type[LoRALayer]]:
         return LoRALinear
     if isinstance(module, nn.Embedding):
         return LoRAEmbedding
-    if isinstance(module, nn.Conv2d):
-        return LoRAConv2d
+    for conv_type, lora_type in _CONV_LORA.items():
+        if isinstance(module, conv_type):
+            return lora_type
+    if isinstance(module, nn.MultiheadAttention):
+        from lightning_lora.mha import LoRAMultiheadAttention  # mha builds on this module
+
+        return LoRAMultiheadAttention
     return None
 
 
-SUPPORTED_TYPES = ("nn.Linear", "transformers Conv1D", "nn.Embedding", "nn.Conv2d")
+SUPPORTED_TYPES = (
+    "nn.Linear",
+    "transformers Conv1D",
+    "nn.Embedding",
+    "nn.Conv1d",
+    "nn.Conv2d",
+    "nn.Conv3d",
+    "nn.MultiheadAttention",
+)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import logging
 
 import pytest
 import torch
@@ -183,7 +182,7 @@ def test_no_match_error_lists_candidates():
 def test_unsupported_type_error_names_type_and_supported_types():
     with pytest.raises(TypeError, match=r"`bert.embeddings.LayerNorm` .* is a LayerNorm, which LoRA cannot adapt") as e:
         find_lora_targets(tiny_bert(), LoRAConfig(target_modules=["LayerNorm"]))
-    assert "Supported types: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d" in str(e.value)
+    assert "Supported types: nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d" in str(e.value)
     with pytest.raises(TypeError, match=r"is a BertSelfAttention.*e\.g\. one of: query \(Linear x1\)"):
         find_lora_targets(tiny_bert(), LoRAConfig(target_modules=["attention.self"]))
 
@@ -202,29 +201,6 @@ def test_model_without_parameters_error():
 def test_inject_rejects_config_plus_kwargs():
     with pytest.raises(TypeError, match=r"not both \(got \['r'\]\)"):
         inject_lora(net(), LoRAConfig(), r=4)
-
-
-class WithMHA(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
-        self.ff = nn.Linear(16, 16)
-
-    def forward(self, x):
-        return self.ff(self.attn(x, x, x, need_weights=False)[0])
-
-
-def test_mha_out_proj_target_is_an_error():
-    with pytest.raises(ValueError, match=r"`attn.out_proj` is the out_proj of nn.MultiheadAttention `attn`"):
-        inject_lora(WithMHA(), target_modules=["out_proj"])
-
-
-def test_all_linear_skips_mha_out_proj(caplog):
-    with caplog.at_level(logging.WARNING, logger="lightning_lora.inject"):
-        model = inject_lora(WithMHA(), target_modules="all-linear")
-    assert list(lora_layers(model)) == ["ff"]
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    assert "Not adapting `attn.out_proj`" in caplog.text
 
 
 def test_layer_types_chosen_per_module():
