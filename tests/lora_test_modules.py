@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -140,6 +141,51 @@ def fit_kwargs(tmp_path, **overrides) -> dict:
     )
     values.update(overrides)
     return values
+
+
+CHARS = string.ascii_letters + string.digits + " \n.,:;!?#'\"()-_=+*/<>[]{}"
+#: A chat template for :func:`tiny_tokenizer` (the ids of `<s>`/`</s>` are Llama's BOS/EOS, 1 and 2).
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def tiny_tokenizer(chat_template: bool = False):
+    """A character-level tokenizer built locally: 90 ids (fits VOCAB), BOS `<s>`=1 prepended, EOS `</s>`=2, no pad."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *CHARS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_causal_lm_dir(path, arch: str = "llama", chat_template: bool = False, seed: int = 0) -> str:
+    """A folder with a tiny from-config causal LM (`llama` or `gpt2`) and :func:`tiny_tokenizer`, for `from_pretrained`."""
+    model = tiny_llama(seed=seed) if arch == "llama" else tiny_gpt2(seed)
+    model.save_pretrained(str(path))
+    tiny_tokenizer(chat_template).save_pretrained(str(path))
+    return str(path)
+
+
+def alpaca_records(n: int = 32, seed: int = 0) -> list[dict]:
+    """Short Alpaca records (reverse a random word), every fourth with an `input`; memorisable by a tiny model."""
+    import random
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+        output = f"The answer is {word[::-1]}."
+        records.append({"instruction": f"Reverse {word}.", "input": "caps" if i % 4 == 3 else "", "output": output})
+    return records
 
 
 def readme_block(section: str) -> str:

@@ -1,0 +1,1 @@
+"""Extra `lightning-lora` subcommands, one module each (registered in `lightning_lora.cli.EXTRA_COMMANDS`)."""
