@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -22,6 +23,15 @@ from lightning_lora.inject import (
     lora_config_of,
     lora_layers,
     merge_lora,
+)
+from lightning_lora.guard import (
+    DEAD_ADAPTER_CHECKS,
+    DeadAdapterCheck,
+    ForwardCallRecorder,
+    check_loss_reaches_adapters,
+    find_dead_adapters,
+    layer_types,
+    report_dead_adapters,
 )
 from lightning_lora.io import CHECKPOINT_CONFIG_KEY, save_adapter
 from lightning_lora.optim import OptimizerFactory, build_optimizer, check_optimizer_covers_trainable
@@ -63,6 +73,13 @@ class LoRACallback(Callback):
         save_peft_dir: When ``fit`` ends (before any merge), write the trained adapter to
             this directory as a PEFT adapter (see :func:`~lightning_lora.save_adapter`),
             loadable with ``peft.PeftModel.from_pretrained``. Global rank zero only.
+        mha_projections: The :class:`~lightning_lora.LoRAConfig` field: which projections
+            of a targeted ``nn.MultiheadAttention`` get adapters (``"q"``, ``"k"``, ``"v"``,
+            ``"out"``).
+        dead_adapter_check: Right before the first optimizer step of each ``fit``, adapters
+            that received no gradient (never called, or not reaching the loss; see
+            :mod:`lightning_lora.guard`) raise a ``DeadAdapterError`` (``"error"``), log a
+            warning (``"warn"``) or are not checked (``"off"``).
     """
 
     def __init__(
@@ -83,7 +100,11 @@ class LoRACallback(Callback):
         lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
         lora_b_lr_ratio: float = 1.0,
         save_peft_dir: Optional[str] = None,
+        mha_projections: tuple[str, ...] = ("q", "k", "v", "out"),
+        dead_adapter_check: DeadAdapterCheck = "error",
     ) -> None:
+        if dead_adapter_check not in DEAD_ADAPTER_CHECKS:
+            raise ValueError(f"`dead_adapter_check` must be one of {DEAD_ADAPTER_CHECKS}, got {dead_adapter_check!r}.")
         self.config = config or LoRAConfig(
             r=r,
             alpha=alpha,
@@ -94,6 +115,7 @@ class LoRACallback(Callback):
             bias=bias,
             use_rslora=use_rslora,
             adapter_dtype=adapter_dtype,
+            mha_projections=mha_projections,
         )
         if lr_scheduler is not None and optimizer is None:
             raise ValueError("`lr_scheduler` needs `optimizer`: the callback can only schedule an optimizer it builds.")
@@ -110,20 +132,27 @@ class LoRACallback(Callback):
         self.lora_b_lr_ratio = lora_b_lr_ratio
         self.save_peft_dir = save_peft_dir
         self._resume = ResumeState()
+        self.dead_adapter_check = dead_adapter_check
+        self._guard: Optional[ForwardCallRecorder] = None  # set while the first step's check is pending
+        self._guard_saw_backward = False
         self._trainer: Optional[pl.Trainer] = None
         self._wrapped_hooks: list[tuple[nn.Module, str]] = []
 
     # -- public helpers --------------------------------------------------------------------
-    def dry_run(self, pl_module: pl.LightningModule) -> LoRASummary:
+    def dry_run(self, pl_module: pl.LightningModule, sample_batch: Any = None) -> LoRASummary:
         """What the callback would adapt in ``pl_module`` and how much would train, without training.
 
         A module that builds its layers in ``configure_model`` is built first (that hook
-        must be idempotent in Lightning anyway); nothing else about it changes.
+        must be idempotent in Lightning anyway); nothing else about it changes. With a
+        ``sample_batch``, one ``training_step`` forward/backward (no optimizer step) also
+        finds dead adapters (``summary.dead_adapters``), and ``dead_adapter_check`` applies.
         """
         if not any(True for _ in pl_module.parameters()) and is_overridden("configure_model", pl_module):
             pl_module.configure_model()
         self._check_has_parameters(pl_module)
-        return plan_lora(pl_module, self.config)
+        summary = plan_lora(pl_module, self.config, sample_batch=sample_batch)
+        report_dead_adapters(summary.dead_adapters, summary.adapted, self.dead_adapter_check, "in the dry run's sample batch")
+        return summary
 
     # -- hooks ---------------------------------------------------------------------------------
     @override
@@ -160,8 +189,51 @@ class LoRACallback(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Once the loops are restored and positioned: put RNG and data position back for exact resume."""
+        """Once the loops are restored and positioned: put RNG and data position back for exact resume.
+
+        Also arms the dead-adapter check for the first optimizer step of this ``fit``.
+        """
         self._resume.on_train_start(trainer)
+        self._guard = None
+        if self.dead_adapter_check != "off" and lora_layers(pl_module):
+            if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+                self._guard = ForwardCallRecorder(pl_module)
+                self._guard_saw_backward = False
+            else:  # sharded strategies keep gradients outside `param.grad`
+                rank_zero_info(f"Dead-adapter check skipped under {type(trainer.strategy).__name__}.")
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Until the first optimizer step: record which LoRA layers run (to name why an adapter is dead)."""
+        if self._guard is not None and not self._guard.active:
+            self._guard.start()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        """First step only: a loss that reaches no trainable parameter means every adapter is dead."""
+        if self._guard is not None:
+            check_loss_reaches_adapters(pl_module, loss, self.dead_adapter_check, "in the first training step")
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._guard is not None:
+            self._guard_saw_backward = True
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer) -> None:
+        """Before the first optimizer step, after every accumulated backward: adapters without gradient are dead.
+
+        Gradients are complete here (and not yet zeroed, which ``set_to_none`` would make
+        look like "no gradient"). A step whose ``training_step`` returned None ran no
+        backward and is not judged.
+        """
+        guard = self._guard
+        if guard is None or not self._guard_saw_backward:
+            return
+        self._guard = None
+        guard.stop()
+        dead = find_dead_adapters(pl_module, guard.called)
+        report_dead_adapters(dead, layer_types(pl_module), self.dead_adapter_check, "in the first training step")
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -177,7 +249,10 @@ class LoRACallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Leave the module's own hooks as they were."""
+        """Leave the module's own hooks as they were (and no forward hooks of the dead-adapter check)."""
+        if self._guard is not None:
+            self._guard.stop()
+            self._guard = None
         for module, name in self._wrapped_hooks:
             module.__dict__.pop(name, None)
         self._wrapped_hooks.clear()
