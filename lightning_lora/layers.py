@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_lora.fused import fusable, lora_dense
+
 
 class LoRAWeight(nn.Module):
     """One factor (A or B) of a dense LoRA update: a bare ``weight`` applied as ``x @ weightᵀ``.
@@ -186,6 +188,23 @@ class LoRALinear(LoRALayer):
         out_features, in_features = self.base_layer.weight.shape
         return in_features, out_features
 
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        # Fast path (lightning_lora.fused): base and update in one autograd node, where that is exact.
+        wt = None if self.merged or args or kwargs else self._plain_weight_t()
+        a, b, bias, dropout = self.lora_A.weight, self.lora_B.weight, self.base_layer.bias, self.lora_dropout
+        if (
+            wt is not None
+            and type(dropout) in (nn.Identity, nn.Dropout)
+            and fusable(x, wt, bias, a, b, self.base_layer, self.lora_A, self.lora_B, dropout)
+        ):
+            x_lora = dropout(x)
+            return lora_dense(x, None if x_lora is x else x_lora, wt, bias, a, b, self.scaling)
+        return super().forward(x, *args, **kwargs)
+
+    def _plain_weight_t(self) -> Optional[Tensor]:
+        """The base weight as ``(in, out)`` if the base layer is exactly ``nn.Linear`` (not a subclass), else None."""
+        return self.base_layer.weight.t() if type(self.base_layer) is nn.Linear else None
+
     def lora_forward(self, x: Tensor) -> Tensor:
         return self.lora_B(self.lora_A(self._adapter_input(x, self.lora_A.weight.dtype))) * self.scaling
 
@@ -204,6 +223,9 @@ class LoRAConv1D(LoRALinear):
     def _in_out_features(self) -> tuple[int, int]:
         in_features, out_features = self.base_layer.weight.shape
         return in_features, out_features
+
+    def _plain_weight_t(self) -> Optional[Tensor]:
+        return self.base_layer.weight if type(self.base_layer) is conv1d_type() else None
 
     def delta_weight(self) -> Tensor:
         return super().delta_weight().T
