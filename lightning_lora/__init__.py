@@ -38,7 +38,9 @@ from lightning_lora.inject import (
     unmerge_lora,
 )
 from lightning_lora.io import load_adapter, load_adapter_checkpoint, save_adapter, save_merged
-from lightning_lora.layers import LoRAConv1D, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_lora.guard import DeadAdapterError, find_dead_adapters
+from lightning_lora.layers import LoRAConv1d, LoRAConv1D, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoRALayer, LoRALinear
+from lightning_lora.mha import LoRAMultiheadAttention
 from lightning_lora.optim import build_optimizer, lora_param_groups
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
 
@@ -47,8 +49,12 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRACallback",
     "LoRAConfig",
+    "DeadAdapterError",
     "LoRAConv1D",
+    "LoRAConv1d",
     "LoRAConv2d",
+    "LoRAConv3d",
+    "LoRAMultiheadAttention",
     "LoRAEmbedding",
     "LoRALayer",
     "LoRALinear",
@@ -61,6 +67,7 @@ __all__ = [
     "build_optimizer",
     "check_adapter_state",
     "delete_adapter",
+    "find_dead_adapters",
     "find_lora_targets",
     "get_adapter_config",
     "get_adapter_state",

@@ -299,10 +299,21 @@ def _no_op_pre_hook(module: nn.Module, args: Any) -> None:
     return None
 
 
+_NESTED_ATTR = "_lora_saved_use_nested_tensor"
+
+
 def _disable_fused_encoder_paths(model: nn.Module) -> None:
     # In eval mode nn.TransformerEncoderLayer runs a fused kernel that reads linear1.weight
     # etc. directly, bypassing our wrappers (adapters silently ignored). Any forward
     # pre-hook on a submodule makes it take the regular path.
+    # nn.TransformerEncoder (eval, no grad, key padding mask) also turns its input into a
+    # nested tensor, which LoRA layers do not support: off while adapters are in, restored
+    # by unload_lora (outputs at non-padded positions are the same either way).
+    for encoder in model.modules():
+        if isinstance(encoder, nn.TransformerEncoder) and getattr(encoder, "use_nested_tensor", False):
+            if any(isinstance(m, LoRALayer) for m in encoder.modules()):
+                encoder.__dict__[_NESTED_ATTR] = True
+                encoder.use_nested_tensor = False
     for layer in model.modules():
         if isinstance(layer, nn.TransformerEncoderLayer):
             for sub in layer.modules():
@@ -352,6 +363,8 @@ def unload_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, ModulesToSave):
             _replace(model, name, module.modules_to_save if merge else module.original_module)
+        elif module.__dict__.pop(_NESTED_ATTR, False):
+            module.use_nested_tensor = True
     model.__dict__.pop(CONFIG_ATTR, None)
     return model
 
