@@ -212,7 +212,8 @@ class LoRACallback(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """First step only: a loss that reaches no trainable parameter means every adapter is dead."""
         if self._guard is not None:
-            check_loss_reaches_adapters(pl_module, loss, self.dead_adapter_check, "in the first training step")
+            when = "in the first training step"
+            check_loss_reaches_adapters(pl_module, loss, self.dead_adapter_check, when, self._guard.called)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

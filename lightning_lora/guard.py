@@ -166,7 +166,9 @@ def report_dead_adapters(
     log.warning(message)
 
 
-def check_loss_reaches_adapters(model: nn.Module, loss: Any, mode: DeadAdapterCheck, when: str) -> None:
+def check_loss_reaches_adapters(
+    model: nn.Module, loss: Any, mode: DeadAdapterCheck, when: str, called: Optional[set[str]] = None
+) -> None:
     """Before ``loss.backward()``: a loss that requires no grad means every adapter is dead.
 
     Caught here, torch's own error ("element 0 of tensors does not require grad") would say
@@ -177,7 +179,11 @@ def check_loss_reaches_adapters(model: nn.Module, loss: Any, mode: DeadAdapterCh
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         return
-    dead = {name: _NO_GRAD for name, layer in lora_layers(model).items() if any(True for _ in layer.adapter_parameters())}
+    dead = {
+        name: _NO_GRAD if called is None else _NOT_IN_LOSS if name in called else _NOT_CALLED
+        for name, layer in lora_layers(model).items()
+        if any(True for _ in layer.adapter_parameters())
+    }
     report_dead_adapters(dead, layer_types(model), mode, when + " (the loss does not depend on any trainable parameter)")
 
 
