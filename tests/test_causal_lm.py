@@ -88,7 +88,7 @@ def test_tiny_model_memorises_32_examples_and_logs_val_metrics_and_samples(tmp_p
         callbacks=[LoRACallback(**LORA), recorder],
         **fit_kwargs(tmp_path, max_epochs=12, check_val_every_n_epoch=12, logger=pl.loggers.CSVLogger(tmp_path)),
     )
-    with caplog.at_level(logging.INFO, logger="lightning_lora"):
+    with caplog.at_level(logging.INFO):
         trainer.fit(module, dm)
     first, last = sum(recorder.losses[:3]) / 3, sum(recorder.losses[-3:]) / 3
     assert last < first / 2, (first, last)

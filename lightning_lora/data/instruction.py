@@ -9,18 +9,16 @@ formats and prompt templates.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_lora.data.prompts import FORMATS, PromptFormatter, detect_format
 from lightning_lora.models.pretrained import ensure_pad_token, load_tokenizer, resolve_pretrained
-
-log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TOO_LONG = ("truncate", "drop")
@@ -205,8 +203,8 @@ class InstructionDataModule(pl.LightningDataModule):
         if self.packing:
             n = len(self.train_set)
             self.train_set = pack_examples(self.train_set, self.max_length)
-            log.info("Packing: %d training examples in %d rows of at most %d tokens.", n, len(self.train_set), self.max_length)
-        log.info("Instruction data from %s: %d training, %d validation examples.", source, len(self.train_set), len(self.val_set))
+            rank_zero_info(f"Packing: {n} training examples in {len(self.train_set)} rows of at most {self.max_length} tokens.")
+        rank_zero_info(f"Instruction data from {source}: {len(self.train_set)} training, {len(self.val_set)} validation examples.")
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
@@ -267,10 +265,10 @@ class InstructionDataModule(pl.LightningDataModule):
             prompt_labels = prompt_ids if self.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
             examples.append({"input_ids": prompt_ids + response_ids, "labels": prompt_labels + response_ids})
         if truncated or dropped:
-            log.info(
-                "%s: %d of %d examples are longer than max_length=%d: %d responses truncated, %d dropped.",
-                source, truncated + dropped, len(records), self.max_length, truncated, dropped,
-            )  # fmt: skip
+            rank_zero_info(
+                f"{source}: {truncated + dropped} of {len(records)} examples are longer than max_length={self.max_length}:"
+                f" {truncated} responses truncated, {dropped} dropped."
+            )
         if not examples:
             raise ValueError(
                 f"{source}: all {len(records)} examples are longer than max_length={self.max_length} (the longest "

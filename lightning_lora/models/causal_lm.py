@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from lightning_lora.models.pretrained import load_causal_lm, load_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 class CausalLMModule(pl.LightningModule):
@@ -114,7 +112,7 @@ class CausalLMModule(pl.LightningModule):
             self.samples.append((prompt, self.tokenizer.decode(new, skip_special_tokens=True)))
         if self.trainer.is_global_zero:
             for i, (prompt, reply) in enumerate(self.samples):
-                log.info("Sample %d at step %d:\n%s%s", i, self.global_step, prompt, reply)
+                rank_zero_info(f"Sample {i} at step {self.global_step}:\n{prompt}{reply}")  # shown like Lightning's info
                 self._log_text(f"samples/{i}", f"{prompt}{reply}")
 
     def _log_text(self, key: str, text: str) -> None:

