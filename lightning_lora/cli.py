@@ -28,6 +28,7 @@ from lightning_lora.optim import build_optimizer
 
 #: Extra subcommands: name -> ``"module:function"``, where ``function(argv: list[str] | None) -> int``.
 EXTRA_COMMANDS: dict[str, str] = {
+    "analyze": "lightning_lora.commands.analyze:main",
     "export": "lightning_lora.commands.export:main",
     "generate": "lightning_lora.commands.generate:main",
     "inspect": "lightning_lora.commands.inspect_cmd:main",
