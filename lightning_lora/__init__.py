@@ -11,6 +11,7 @@ Public API::
     add_adapter, set_active_adapter, delete_adapter, active_adapter, list_adapters   # task switching
     get_adapter_state, set_adapter_state, get_adapter_config
     save_adapter, load_adapter, load_adapter_checkpoint, save_merged   # adapter files
+    find_dead_adapters, DeadAdapterError                 # adapters that get no gradient
 """
 
 from lightning_lora.adapters import (
@@ -42,6 +43,7 @@ from lightning_lora.guard import DeadAdapterError, find_dead_adapters
 from lightning_lora.layers import LoRAConv1d, LoRAConv1D, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.mha import LoRAMultiheadAttention
 from lightning_lora.optim import build_optimizer, lora_param_groups
+from lightning_lora.quantize import dequantize_base, keep_training_format, quantize_base
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
 
 __version__ = "0.1.0"
@@ -67,11 +69,13 @@ __all__ = [
     "build_optimizer",
     "check_adapter_state",
     "delete_adapter",
+    "dequantize_base",
     "find_dead_adapters",
     "find_lora_targets",
     "get_adapter_config",
     "get_adapter_state",
     "inject_lora",
+    "keep_training_format",
     "list_adapters",
     "load_adapter",
     "load_adapter_checkpoint",
@@ -79,6 +83,7 @@ __all__ = [
     "lora_param_groups",
     "merge_lora",
     "plan_lora",
+    "quantize_base",
     "save_adapter",
     "save_merged",
     "set_active_adapter",

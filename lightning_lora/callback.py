@@ -14,11 +14,12 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_lora.config import ALL_LINEAR, LoRAConfig, TargetSpec
+from lightning_lora.config import ALL_LINEAR, LoRAConfig, TargetSpec, _parse_dtype
 from lightning_lora.inject import (
     ModulesToSave,
     adapter_state_keys,
     check_adapter_state,
+    find_modules_to_save,
     inject_lora,
     lora_config_of,
     lora_layers,
@@ -34,6 +35,8 @@ from lightning_lora.guard import (
     report_dead_adapters,
 )
 from lightning_lora.io import CHECKPOINT_CONFIG_KEY, save_adapter
+from lightning_lora.monitor import LoRAMonitor
+from lightning_lora.quantize import QUANT_TYPES, QuantType, dequantize_base, loadable_state_dict, quantize_for_fit
 from lightning_lora.optim import OptimizerFactory, build_optimizer, check_optimizer_covers_trainable
 from lightning_lora.resume import ResumeState
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
@@ -80,6 +83,16 @@ class LoRACallback(Callback):
             that received no gradient (never called, or not reaching the loss; see
             :mod:`lightning_lora.guard`) raise a ``DeadAdapterError`` (``"error"``), log a
             warning (``"warn"``) or are not checked (``"off"``).
+        log_delta_every_n_steps: Every N optimizer steps, log each adapted module's ‖ΔW‖_F
+            and effective rank to the Trainer's loggers, from the small factors only (see
+            :class:`~lightning_lora.monitor.LoRAMonitor`). Off (None) by default.
+        quantize_base: QLoRA: in ``setup``, before injecting, turn the frozen ``nn.Linear``
+            layers (targets and others, never adapters or ``modules_to_save``) into 4-bit
+            bitsandbytes ``Linear4bit`` (``"nf4"`` or ``"fp4"``); see :mod:`lightning_lora.quantize`.
+            Merging at the end dequantizes: the merged model is full precision.
+        double_quant: With ``quantize_base``: quantize the block scales too.
+        compute_dtype: With ``quantize_base``: matmul dtype of the 4-bit layers; default
+            float32 on CPU, bf16 (or fp16) on CUDA.
     """
 
     def __init__(
@@ -102,6 +115,10 @@ class LoRACallback(Callback):
         save_peft_dir: Optional[str] = None,
         mha_projections: tuple[str, ...] = ("q", "k", "v", "out"),
         dead_adapter_check: DeadAdapterCheck = "error",
+        log_delta_every_n_steps: Optional[int] = None,
+        quantize_base: Optional[QuantType] = None,
+        double_quant: bool = True,
+        compute_dtype: Optional[Union[str, torch.dtype]] = None,
     ) -> None:
         if dead_adapter_check not in DEAD_ADAPTER_CHECKS:
             raise ValueError(f"`dead_adapter_check` must be one of {DEAD_ADAPTER_CHECKS}, got {dead_adapter_check!r}.")
@@ -137,6 +154,12 @@ class LoRACallback(Callback):
         self._guard_saw_backward = False
         self._trainer: Optional[pl.Trainer] = None
         self._wrapped_hooks: list[tuple[nn.Module, str]] = []
+        self._monitor = LoRAMonitor(log_delta_every_n_steps) if log_delta_every_n_steps is not None else None
+        if quantize_base is not None and quantize_base not in QUANT_TYPES:
+            raise ValueError(f"`quantize_base` must be one of {QUANT_TYPES} or None, got {quantize_base!r}.")
+        self.quantize_base = quantize_base
+        self.double_quant = double_quant
+        self.compute_dtype = _parse_dtype(compute_dtype) if isinstance(compute_dtype, str) else compute_dtype
 
     # -- public helpers --------------------------------------------------------------------
     def dry_run(self, pl_module: pl.LightningModule, sample_batch: Any = None) -> LoRASummary:
@@ -209,6 +232,14 @@ class LoRACallback(Callback):
             self._guard.start()
 
     @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """After the optimizer step: with ``log_delta_every_n_steps``, log ‖ΔW‖_F and effective ranks."""
+        if self._monitor is not None:
+            self._monitor.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         """First step only: a loss that reaches no trainable parameter means every adapter is dead."""
         if self._guard is not None:
@@ -245,6 +276,8 @@ class LoRACallback(Callback):
         if not self.merge_on_fit_end or not lora_layers(pl_module):
             return
         merge_lora(pl_module, unload=True)
+        if dequantize_base(pl_module):  # QLoRA: the merged model is full precision, never re-quantized
+            rank_zero_info("The 4-bit base was dequantized to float32 for the merge; the merged model is full precision.")
         pl_module.__dict__[_MERGED_ATTR] = self.config
         rank_zero_info("LoRA adapters merged into the base weights; the module holds plain layers again.")
 
@@ -308,6 +341,8 @@ class LoRACallback(Callback):
                 )
             return
         self._check_has_parameters(pl_module)
+        skip = find_modules_to_save(pl_module, self.config)
+        quantize_for_fit(pl_module, self._trainer, self.quantize_base, self.double_quant, self.compute_dtype, skip)
         inject_lora(pl_module, self.config)
         pl_module.__dict__.pop(_MERGED_ATTR, None)
         rank_zero_info(str(summarize_lora(pl_module)))
@@ -362,6 +397,6 @@ class LoRACallback(Callback):
                     raise ValueError(f"{err}\nThe {source} was written with other LoRA settings: {detail}.") from None
             raise
         # Lightning loads strictly next: complete the adapter-only state with the model's own base weights.
-        full = pl_module.state_dict()
+        full = loadable_state_dict(pl_module)
         full.update(checkpoint["state_dict"])
         checkpoint["state_dict"] = full

@@ -13,6 +13,7 @@ adapter files.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_lora.fused import fusable, lora_dense
+from lightning_lora.quantize import compute_dtype_of, dequantize_linear, is_4bit_linear, keep_training_format
+
+log = logging.getLogger(__name__)
 
 
 class LoRAWeight(nn.Module):
@@ -133,6 +137,10 @@ class LoRALayer(nn.Module):
         self.merged = False
 
     def _mergeable_base_weight(self) -> Tensor:
+        if is_4bit_linear(self.base_layer):
+            # QLoRA: merge into a float32 copy of the 4-bit weight; the result stays full precision.
+            self.base_layer = dequantize_linear(self.base_layer)
+            log.info("Merging LoRA into a 4-bit base: dequantized it to float32 (%s); not re-quantized.", self.extra_repr())
         weight = self.base_layer.weight
         if not weight.is_floating_point():
             raise TypeError(
@@ -176,15 +184,18 @@ class LoRALinear(LoRALayer):
 
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, **kwargs: Any) -> None:
         super().__init__(base_layer, r, alpha, **kwargs)
+        keep_training_format(base_layer)  # a 4-bit base must not switch to bitsandbytes' CPU inference layout
         in_features, out_features = self._in_out_features()
         device = base_layer.weight.device
-        dtype = self.adapter_dtype or base_layer.weight.dtype
+        dtype = self.adapter_dtype or compute_dtype_of(base_layer)  # a 4-bit base's weight is packed uint8
         self.lora_A = LoRAWeight(r, in_features, dtype=dtype, device=device)
         self.lora_B = LoRAWeight(out_features, r, dtype=dtype, device=device)
         if device.type != "meta":
             _init_dense_pair(self.lora_A.weight, self.lora_B.weight)
 
     def _in_out_features(self) -> tuple[int, int]:
+        if is_4bit_linear(self.base_layer):  # packed weight: its shape is not (out, in)
+            return self.base_layer.in_features, self.base_layer.out_features
         out_features, in_features = self.base_layer.weight.shape
         return in_features, out_features
 
