@@ -42,7 +42,8 @@ class LoRAConfig:
             qualified name equals an entry or ends with ``.<entry>`` (``"query"`` matches
             ``encoder.layer.0.attention.self.query``); a single string is a regular
             expression that must match the whole qualified name; ``"all-linear"`` adapts
-            every ``nn.Linear`` and transformers ``Conv1D`` except the output head.
+            every ``nn.Linear`` and transformers ``Conv1D`` except the output head, and
+            every ``nn.MultiheadAttention`` (as selected by ``mha_projections``).
         exclude_modules: Modules never adapted, in the same syntax as ``target_modules``.
         modules_to_save: Modules trained in full and stored in adapter checkpoints (e.g. a
             freshly initialised ``classifier`` head), matched like ``target_modules`` lists.
