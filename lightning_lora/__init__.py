@@ -11,6 +11,8 @@ Public API::
     add_adapter, set_active_adapter, delete_adapter, active_adapter, list_adapters   # task switching
     get_adapter_state, set_adapter_state, get_adapter_config
     save_adapter, load_adapter, load_adapter_checkpoint, save_merged   # adapter files
+    AtomicCheckpointIO, CheckpointError                  # atomic checkpoint writes, clear errors on damaged files
+    base_fingerprint, check_base_fingerprint             # which base model an adapter was trained on
     find_dead_adapters, DeadAdapterError                 # adapters that get no gradient
 """
 
@@ -38,6 +40,9 @@ from lightning_lora.inject import (
     unload_lora,
     unmerge_lora,
 )
+from lightning_lora.checkpoint_io import AtomicCheckpointIO
+from lightning_lora.errors import CheckpointError
+from lightning_lora.fingerprint import base_fingerprint, check_base_fingerprint
 from lightning_lora.io import load_adapter, load_adapter_checkpoint, save_adapter, save_merged
 from lightning_lora.guard import DeadAdapterError, find_dead_adapters
 from lightning_lora.layers import LoRAConv1d, LoRAConv1D, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoRALayer, LoRALinear
@@ -49,6 +54,10 @@ from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "base_fingerprint",
+    "check_base_fingerprint",
     "LoRACallback",
     "LoRAConfig",
     "DeadAdapterError",

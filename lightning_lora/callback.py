@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
@@ -35,10 +35,15 @@ from lightning_lora.guard import (
     report_dead_adapters,
 )
 from lightning_lora.io import CHECKPOINT_CONFIG_KEY, save_adapter
+from lightning_lora.checkpoint_io import install_atomic_checkpoint_io
+from lightning_lora.fingerprint import FINGERPRINT_CHECKS, FINGERPRINT_KEY, FingerprintCheck, base_fingerprint
+from lightning_lora.fingerprint import check_base_fingerprint as check_fingerprint
+from lightning_lora.recovery import ResumeGuard
 from lightning_lora.monitor import LoRAMonitor
 from lightning_lora.quantize import QUANT_TYPES, QuantType, dequantize_base, loadable_state_dict, quantize_for_fit
 from lightning_lora.optim import OptimizerFactory, build_optimizer, check_optimizer_covers_trainable
 from lightning_lora.resume import ResumeState
+from lightning_lora.strategies import check_resume_supported, has_sharded_parameters
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
 
 #: Top-level checkpoint key holding the data position and RNG states for an exact resume.
@@ -93,6 +98,15 @@ class LoRACallback(Callback):
         double_quant: With ``quantize_base``: quantize the block scales too.
         compute_dtype: With ``quantize_base``: matmul dtype of the 4-bit layers; default
             float32 on CPU, bf16 (or fp16) on CUDA.
+        atomic_checkpoints: When the trainer uses Lightning's default checkpoint IO, write
+            checkpoints with :class:`~lightning_lora.AtomicCheckpointIO` (atomic, fsync'ed,
+            no partial file after a kill). A checkpoint IO plugin of your own is left alone.
+        check_base_fingerprint: A checkpoint trained on other base weights than the
+            module's (its recorded fingerprint differs; see :mod:`lightning_lora.fingerprint`)
+            raises a :class:`~lightning_lora.CheckpointError` (``"error"``) or only warns (``"warn"``).
+        resume_fallback: When ``fit``'s checkpoint (also ``ckpt_path="last"``) does not load,
+            resume from the newest checkpoint beside it that does, and log which and why,
+            instead of raising :class:`~lightning_lora.CheckpointError` (see :mod:`lightning_lora.recovery`).
     """
 
     def __init__(
@@ -119,9 +133,20 @@ class LoRACallback(Callback):
         quantize_base: Optional[QuantType] = None,
         double_quant: bool = True,
         compute_dtype: Optional[Union[str, torch.dtype]] = None,
+        atomic_checkpoints: bool = True,
+        check_base_fingerprint: FingerprintCheck = "error",
+        resume_fallback: bool = False,
     ) -> None:
         if dead_adapter_check not in DEAD_ADAPTER_CHECKS:
             raise ValueError(f"`dead_adapter_check` must be one of {DEAD_ADAPTER_CHECKS}, got {dead_adapter_check!r}.")
+        if check_base_fingerprint not in FINGERPRINT_CHECKS:
+            raise ValueError(
+                f"`check_base_fingerprint` must be one of {FINGERPRINT_CHECKS}, got {check_base_fingerprint!r}."
+            )
+        self.atomic_checkpoints = atomic_checkpoints
+        self.check_base_fingerprint = check_base_fingerprint
+        self._resume_guard = ResumeGuard(fallback=resume_fallback)
+        self._io_info_logged = False
         self.config = config or LoRAConfig(
             r=r,
             alpha=alpha,
@@ -191,6 +216,7 @@ class LoRACallback(Callback):
         callbacks' after), so that is where adapter-only state is written and checked.
         """
         self._trainer = trainer
+        self._install_checkpoint_io(trainer)
         if stage != "fit" and hasattr(pl_module, _MERGED_ATTR):
             rank_zero_info("LoRA adapters were merged at the end of fit; running the merged model as it is.")
             return
@@ -199,7 +225,11 @@ class LoRACallback(Callback):
         if stage == "fit" and self.optimizer is not None:
             pl_module.__dict__["configure_optimizers"] = self._configure_optimizers
             self._wrapped_hooks.append((pl_module, "configure_optimizers"))
-        if is_overridden("configure_model", pl_module) and not lora_layers(pl_module):
+        if stage == "fit":
+            check_resume_supported(trainer.strategy, trainer.ckpt_path)
+        # ModelParallelStrategy: `configure_model` applies fully_shard, which must see the adapters already.
+        shards_in_configure = isinstance(trainer.strategy, ModelParallelStrategy) and any(True for _ in pl_module.parameters())
+        if is_overridden("configure_model", pl_module) and not lora_layers(pl_module) and not shards_in_configure:
             self._chain_module_hook(pl_module, "configure_model", self._ensure_injected)
         else:
             self._ensure_injected(pl_module)
@@ -290,6 +320,7 @@ class LoRACallback(Callback):
         for module, name in self._wrapped_hooks:
             module.__dict__.pop(name, None)
         self._wrapped_hooks.clear()
+        self._resume_guard.remove()
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -330,6 +361,18 @@ class LoRACallback(Callback):
         pl_module.__dict__[name] = chained
         self._wrapped_hooks.append((pl_module, name))
 
+    def _install_checkpoint_io(self, trainer: pl.Trainer) -> None:
+        """Atomic checkpoint writes (unless opted out or the user chose a plugin) and clear read errors."""
+        self._resume_guard.install(trainer)
+        if not self.atomic_checkpoints or install_atomic_checkpoint_io(trainer.strategy):
+            return
+        if not self._io_info_logged:
+            self._io_info_logged = True
+            rank_zero_info(
+                f"LoRACallback: checkpoints are written by your {type(trainer.strategy.checkpoint_io).__name__}, "
+                "not by AtomicCheckpointIO (atomic_checkpoints applies to Lightning's default checkpoint IO only)."
+            )
+
     def _ensure_injected(self, pl_module: nn.Module) -> None:
         existing = lora_config_of(pl_module)
         if lora_layers(pl_module):
@@ -341,6 +384,13 @@ class LoRACallback(Callback):
                 )
             return
         self._check_has_parameters(pl_module)
+        if has_sharded_parameters(pl_module):
+            raise ValueError(
+                f"{type(pl_module).__name__}'s parameters were sharded (fully_shard) before LoRACallback could inject "
+                "adapters, so FSDP would not manage them. Build the model in `__init__` (the callback then injects "
+                "before `configure_model`), or call `lightning_lora.inject_lora(self, callback.config)` in "
+                "`configure_model` before `fully_shard`."
+            )
         skip = find_modules_to_save(pl_module, self.config)
         quantize_for_fit(pl_module, self._trainer, self.quantize_base, self.double_quant, self.compute_dtype, skip)
         inject_lora(pl_module, self.config)
@@ -383,6 +433,7 @@ class LoRACallback(Callback):
         state = checkpoint["state_dict"]
         checkpoint["state_dict"] = {key: state[key] for key in adapter_state_keys(pl_module) if key in state}
         checkpoint[CHECKPOINT_CONFIG_KEY] = self.config.to_dict()
+        checkpoint[FINGERPRINT_KEY] = base_fingerprint(pl_module)
 
     def _complete_adapter_only_checkpoint(self, pl_module: nn.Module, checkpoint: dict[str, Any]) -> None:
         source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer and self._trainer.ckpt_path else "checkpoint"
@@ -396,6 +447,8 @@ class LoRACallback(Callback):
                     detail = ", ".join(f"{k}={theirs!r} there vs {mine!r} here" for k, (mine, theirs) in diff.items())
                     raise ValueError(f"{err}\nThe {source} was written with other LoRA settings: {detail}.") from None
             raise
+        path = self._trainer.ckpt_path if self._trainer and self._trainer.ckpt_path else "checkpoint"
+        check_fingerprint(pl_module, checkpoint.get(FINGERPRINT_KEY), path, self.check_base_fingerprint)
         # Lightning loads strictly next: complete the adapter-only state with the model's own base weights.
         full = loadable_state_dict(pl_module)
         full.update(checkpoint["state_dict"])

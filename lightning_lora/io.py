@@ -9,23 +9,39 @@ Hugging Face model: inside a LightningModule that is the one ``PreTrainedModel``
 
 Only safetensors are read and written for adapters (no pickle), and Lightning
 checkpoints are read with ``torch.load(weights_only=True)``.
+
+Every file is written atomically and durably (:func:`~lightning_lora.checkpoint_io.atomic_write`),
+and records the base-model fingerprint (:mod:`lightning_lora.fingerprint`), which loading
+checks. A file that does not load raises :class:`~lightning_lora.CheckpointError` naming it.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from lightning_lora.adapters import add_adapter, get_adapter_state, set_adapter_state
+from lightning_lora.checkpoint_io import atomic_write_bytes, fsync_dir, load_torch_file, remove_stale_temps, temp_path_for
 from lightning_lora.config import ALL_LINEAR, LoRAConfig, TargetSpec
+from lightning_lora.errors import CheckpointError, describe_safetensors_problem, loadable_alternatives, sibling_files
+from lightning_lora.fingerprint import (
+    FINGERPRINT_KEY,
+    METADATA_KEY,
+    FingerprintCheck,
+    base_fingerprint,
+)
+from lightning_lora.fingerprint import check_base_fingerprint as _check_fingerprint
 from lightning_lora.inject import (
     ModulesToSave,
     _matches,
@@ -46,6 +62,7 @@ MERGED_WEIGHTS_NAME = "model.safetensors"
 #: Top-level checkpoint key holding the LoRA config (``LoRAConfig.to_dict()``).
 CHECKPOINT_CONFIG_KEY = "lora_config"
 _PEFT_PREFIX = "base_model.model."
+_ADAPTER_KEY = re.compile(r"(^|\.)(lora_(A|B|embedding_A|embedding_B)|modules_to_save)(\.|$)")
 _REQUIRED_CONFIG_KEYS = ("peft_type", "r", "lora_alpha", "target_modules")
 # PEFT options we cannot reproduce, with the value that means "not used".
 _UNSUPPORTED_OPTIONS = {
@@ -91,7 +108,9 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
     ``peft.PeftModel.from_pretrained(base_model, directory)`` then rebuilds the same
     adapted model. ``target_modules`` is written so that PEFT wraps exactly the modules
     adapted here: the original spec when it selects the same modules relative to the
-    Hugging Face model, else the list of their full names.
+    Hugging Face model, else the list of their full names. The safetensors metadata also
+    records the base-model fingerprint (``peft`` ignores it; :func:`load_adapter` checks it).
+    Both files are written atomically: a kill leaves the previous version or the new one.
 
     Args:
         model: A model with LoRA layers: a transformers model, a LightningModule holding
@@ -144,10 +163,13 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
         "inference_mode": True,
         "base_model_name_or_path": name_or_path,
     }
+    fingerprint = base_fingerprint(model, [prefix + n for n in adapted], strip_prefix=prefix)
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(fingerprint, sort_keys=True)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
+    remove_stale_temps(directory)
+    atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
+    atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
     return directory
 
 
@@ -163,7 +185,12 @@ def _peft_target_spec(root: nn.Module, spec: TargetSpec, adapted: list[str], sav
 
 
 # -- import -----------------------------------------------------------------------------------
-def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter(
+    model: nn.Module,
+    directory: PathLike,
+    adapter_name: str = "default",
+    check_base_fingerprint: FingerprintCheck = "error",
+) -> nn.Module:
     """Read a PEFT LoRA adapter directory (e.g. from ``PeftModel.save_pretrained``) into ``model``.
 
     On a model without LoRA the adapters are injected with the file's config, then its
@@ -175,7 +202,10 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
 
     Unlike PEFT, loading is strict: a missing or extra tensor, a shape that does not fit,
     an unknown ``peft_type``, a missing config key or an option we cannot reproduce
-    raises a ``ValueError`` naming the file and the key.
+    raises a ``ValueError`` naming the file and the key. A damaged or foreign file raises
+    :class:`~lightning_lora.CheckpointError`, and so does a base model other than the one
+    the adapter was trained on (its recorded fingerprint differs; ``check_base_fingerprint
+    ="warn"`` only warns). Adapters written by ``peft`` carry no fingerprint and load as before.
 
     Returns:
         ``model`` itself.
@@ -190,7 +220,7 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
                 else ""
             )
             raise ValueError(f"`load_adapter`: {path} does not exist{hint}.")
-    peft_config = json.loads(config_path.read_text())
+    peft_config = _read_peft_config(config_path)
     missing = [k for k in _REQUIRED_CONFIG_KEYS if k not in peft_config]
     if missing:
         raise ValueError(
@@ -224,11 +254,11 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
                 "modules_to_save": [prefix + n for n in saved] or None,
             }
         )
-    file_state = load_file(str(weights_path))
+    file_state, metadata = _read_peft_weights(weights_path)
+    fingerprint = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
+    _check_fingerprint(model, fingerprint, weights_path, check_base_fingerprint, add_prefix=prefix)
     state: dict[str, Tensor] = {}
     for key, value in file_state.items():
-        if not key.startswith(_PEFT_PREFIX):
-            raise ValueError(f"{weights_path}: key `{key}` does not start with `{_PEFT_PREFIX}`; not a PEFT LoRA file.")
         key = key[len(_PEFT_PREFIX) :]
         for wrapper in saved:  # `classifier.weight` (or older PEFT's `classifier.modules_to_save.weight`)
             if key.startswith(wrapper + ".") and not key.startswith(f"{wrapper}.modules_to_save."):
@@ -239,7 +269,12 @@ def load_adapter(model: nn.Module, directory: PathLike, adapter_name: str = "def
     return model
 
 
-def load_adapter_checkpoint(model: nn.Module, ckpt_path: PathLike, adapter_name: str = "default") -> nn.Module:
+def load_adapter_checkpoint(
+    model: nn.Module,
+    ckpt_path: PathLike,
+    adapter_name: str = "default",
+    check_base_fingerprint: FingerprintCheck = "error",
+) -> nn.Module:
     """Rebuild the adapters of an adapter-only Lightning checkpoint written with :class:`LoRACallback`.
 
     ``model`` is the LightningModule the checkpoint was trained on, without LoRA (the
@@ -247,19 +282,133 @@ def load_adapter_checkpoint(model: nn.Module, ckpt_path: PathLike, adapter_name:
     one is added as ``adapter_name``). The checkpoint is read with ``weights_only=True``
     and must hold exactly the adapter tensors the config implies.
 
+    A damaged file, a file that is not a Lightning checkpoint, a checkpoint without LoRA
+    adapters, and a base model other than the one the checkpoint was trained on (its
+    fingerprint differs; ``check_base_fingerprint="warn"`` only warns) raise
+    :class:`~lightning_lora.CheckpointError`, before ``model`` is changed.
+
     Returns:
         ``model`` itself, ready for inference or further training.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if CHECKPOINT_CONFIG_KEY not in checkpoint:
-        raise ValueError(
-            f"{ckpt_path}: no `{CHECKPOINT_CONFIG_KEY}` entry; it was not written by LoRACallback. Use "
-            "`LightningModule.load_from_checkpoint` for full checkpoints."
+    checkpoint = load_torch_file(
+        ckpt_path, _ADAPTER_CHECKPOINT_FIX, probe=probe_adapter_checkpoint, map_location="cpu", weights_only=True
+    )
+    problem = adapter_checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise CheckpointError(
+            ckpt_path,
+            problem,
+            _ADAPTER_CHECKPOINT_FIX,
+            loadable_alternatives(sibling_files(ckpt_path), probe_adapter_checkpoint, ckpt_path),
         )
+    _check_fingerprint(model, checkpoint.get(FINGERPRINT_KEY), ckpt_path, check_base_fingerprint)
     config = LoRAConfig.from_dict(checkpoint[CHECKPOINT_CONFIG_KEY])
     add_adapter(model, adapter_name, config)  # injects on a model without LoRA, else adds inactive
     _load_strict(model, adapter_name, checkpoint["state_dict"], str(ckpt_path))
     return model
+
+
+_ADAPTER_CHECKPOINT_FIX = (
+    "Pass an adapter-only checkpoint written by a run with LoRACallback (for example another one listed below); "
+    "full checkpoints load with `LightningModule.load_from_checkpoint`"
+)
+
+
+def lightning_checkpoint_problem(checkpoint: Any) -> str | None:
+    """Why ``checkpoint`` (a loaded object) is not a Lightning checkpoint, or None when it is one."""
+    if not isinstance(checkpoint, dict):
+        return f"it holds a {type(checkpoint).__name__}, not a Lightning checkpoint (a dict with a `state_dict`)"
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        keys = ", ".join(map(str, list(checkpoint)[:5])) + (", ..." if len(checkpoint) > 5 else "")
+        return f"it is not a Lightning checkpoint: it has no `state_dict` entry (its keys: {keys or 'none'})"
+    return None
+
+
+def adapter_checkpoint_problem(checkpoint: Any) -> str | None:
+    """Why ``checkpoint`` is not an adapter-only checkpoint of :class:`LoRACallback`, or None when it is one."""
+    problem = lightning_checkpoint_problem(checkpoint)
+    if problem is not None:
+        return problem
+    if CHECKPOINT_CONFIG_KEY not in checkpoint:
+        return (
+            f"it is a Lightning checkpoint without LoRA adapters (no `{CHECKPOINT_CONFIG_KEY}` entry: it was not "
+            "written by a run with LoRACallback)"
+        )
+    if not any(_ADAPTER_KEY.search(key) for key in checkpoint["state_dict"]):
+        return "it is a LoRA checkpoint whose `state_dict` holds no adapter tensors"
+    return None
+
+
+def probe_adapter_checkpoint(path: Path) -> str:
+    """Read ``path`` as :func:`load_adapter_checkpoint` would (memory-mapped); raise if it would fail.
+
+    Returns:
+        A short description for listings, e.g. ``"step 12"``.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    problem = adapter_checkpoint_problem(checkpoint)
+    if problem is not None:
+        raise ValueError(problem)
+    return f"step {checkpoint['global_step']}" if "global_step" in checkpoint else ""
+
+
+def _read_peft_config(config_path: Path) -> dict[str, Any]:
+    try:
+        peft_config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            config_path,
+            f"it is not valid JSON ({err})",
+            "Write the adapter again (save_adapter or PeftModel.save_pretrained), or use another adapter folder",
+            _other_adapter_dirs(config_path.parent),
+            searched=config_path.parent.parent,
+        ) from err
+    if not isinstance(peft_config, dict):
+        raise CheckpointError(
+            config_path, "it is not a JSON object", "Use the adapter_config.json written with the adapter", listed=False
+        )
+    return peft_config
+
+
+def _read_peft_weights(weights_path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and ``__metadata__`` of a PEFT adapter file; :class:`CheckpointError` if it is damaged or foreign."""
+    fix = "Write the adapter again (save_adapter or PeftModel.save_pretrained), or use another adapter folder"
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        problem = describe_safetensors_problem(weights_path) or f"it does not load ({type(err).__name__}: {err})"
+        raise CheckpointError(
+            weights_path, problem, fix, _other_adapter_dirs(weights_path.parent), searched=weights_path.parent.parent
+        ) from err
+    foreign = [key for key in tensors if not key.startswith(_PEFT_PREFIX)]
+    if foreign or not tensors:
+        problem = (
+            f"it is not a PEFT LoRA adapter: key `{foreign[0]}` does not start with `{_PEFT_PREFIX}`"
+            if foreign
+            else "it holds no tensors, so no adapter"
+        )
+        raise CheckpointError(
+            weights_path, problem, fix, _other_adapter_dirs(weights_path.parent), searched=weights_path.parent.parent
+        )
+    return tensors, metadata
+
+
+def _other_adapter_dirs(directory: Path) -> list[tuple[Path, str]]:
+    """Adapter folders beside ``directory`` whose weights load, newest first (their weights files)."""
+    try:
+        candidates = [d / ADAPTER_WEIGHTS_NAME for d in directory.parent.iterdir() if d.is_dir() and d != directory]
+    except OSError:
+        return []
+
+    def probe(path: Path) -> str:
+        if describe_safetensors_problem(path) is not None:
+            raise ValueError(path)
+        with safe_open(str(path), framework="pt") as f:
+            return f"{len(list(f.keys()))} tensors"
+
+    return loadable_alternatives(candidates, probe)
 
 
 def _load_strict(model: nn.Module, adapter_name: str, state: dict[str, Tensor], source: str) -> None:
@@ -292,6 +441,9 @@ def save_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) ->
     ``AutoModel...from_pretrained(directory)`` loads it; any other module is written as
     ``model.safetensors`` holding its merged ``state_dict``.
 
+    Files are written into a temporary folder beside ``directory``, fsync'ed, then each is
+    renamed into ``directory``: a kill leaves every file either old or new, never partial.
+
     Args:
         tokenizer: Saved into the same directory with its ``save_pretrained`` when given.
 
@@ -301,7 +453,6 @@ def save_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) ->
     if not lora_layers(model):
         raise ValueError(f"`save_merged`: {type(model).__name__} holds no LoRA adapters; nothing to merge.")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     prefix, root = _hf_root(model)
     if hasattr(root, "save_pretrained"):
         if len(lora_layers(root)) != len(lora_layers(model)):
@@ -310,12 +461,43 @@ def save_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) ->
             )
         merged = copy.deepcopy(root)
         unload_lora(merged, merge=True)
-        merged.save_pretrained(str(directory))
+        _write_folder_atomically(directory, lambda staging: _save_pretrained(merged, tokenizer, staging))
     else:
-        save_file(_merged_state_dict(model), str(directory / MERGED_WEIGHTS_NAME), metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
+        data = safetensors_bytes(_merged_state_dict(model), metadata={"format": "pt"})
+        _write_folder_atomically(directory, lambda staging: _save_pretrained(None, tokenizer, staging, data))
     return directory
+
+
+def _save_pretrained(model: Any, tokenizer: Any, folder: Path, merged_bytes: bytes | None = None) -> None:
+    if model is not None:
+        model.save_pretrained(str(folder))
+    if merged_bytes is not None:
+        (folder / MERGED_WEIGHTS_NAME).write_bytes(merged_bytes)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+
+
+def _write_folder_atomically(directory: Path, write: Any) -> None:
+    """``write(staging)`` fills a temporary folder beside ``directory``; its files are fsync'ed and
+    renamed into ``directory`` one by one (each rename atomic), then both folders are fsync'ed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory.parent)
+    staging = temp_path_for(directory)
+    staging.mkdir()
+    try:
+        write(staging)
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in files:
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        for path in files:
+            target = directory / path.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+        for folder in {(directory / p.relative_to(staging)).parent for p in files}:
+            fsync_dir(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @torch.no_grad()

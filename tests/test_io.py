@@ -223,10 +223,14 @@ def test_fit_writes_peft_dir_and_checkpoint_reloads(tmp_path):
 def test_load_adapter_checkpoint_errors(tmp_path):
     path = tmp_path / "full.ckpt"
     torch.save({"state_dict": {}}, path)
-    with pytest.raises(ValueError, match=r"full\.ckpt: no `lora_config` entry"):
+    with pytest.raises(ValueError, match=r"full\.ckpt \(.*\): it is a Lightning checkpoint without LoRA adapters"):
         load_adapter_checkpoint(shared.BertClassifier(), path)
     config = LoRAConfig(r=4, alpha=8, target_modules=["query"]).to_dict()
     torch.save({"state_dict": {}, "lora_config": config}, path)
+    with pytest.raises(ValueError, match=r"full\.ckpt \(.*\): it is a LoRA checkpoint whose `state_dict` holds no adapter"):
+        load_adapter_checkpoint(shared.BertClassifier(), path)
+    key = "model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+    torch.save({"state_dict": {key: torch.zeros(4, 32)}, "lora_config": config}, path)
     with pytest.raises(ValueError, match=r"(?s)full\.ckpt does not fit .*missing `model\.bert\.encoder\.layer\.0"):
         load_adapter_checkpoint(shared.BertClassifier(), path)
 
