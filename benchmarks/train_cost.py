@@ -14,7 +14,8 @@ loop (one ``LightningModule``, ``Trainer(max_steps=...)``, AdamW):
 Each (variant, repetition) runs in a fresh process, so its peak RSS is its own; the
 variants are interleaved (the order rotates every repetition) so machine noise hits all
 alike. Reported: median step time over the measured steps of all repetitions (warm-up
-steps dropped), peak RSS, trainable parameters, optimizer-state bytes, checkpoint bytes
+steps dropped) in wall-clock and in CPU seconds (all threads; on a shared machine the CPU
+time moves less with other users' load than the wall time), peak RSS, trainable parameters, optimizer-state bytes, checkpoint bytes
 (``trainer.save_checkpoint``; ours is adapter-only) and PEFT-format adapter directories,
 and the time of ``import lightning_lora`` vs ``import peft`` in fresh interpreters.
 
@@ -120,6 +121,7 @@ def run_variant(model: str, variant: str, batch: int, seq: int, warmup: int, ste
         "variant": variant,
         "warmup_times": timer.times[:warmup],
         "step_times": timer.times[warmup:],
+        "step_cpu_times": timer.cpu_times[warmup:],
         "trainable_params": timer.trainable,
         "total_params": timer.total,
         "optimizer_state_bytes": timer.optimizer_state_bytes,
@@ -139,15 +141,17 @@ class _StepTimer(pl.Callback):
     def __init__(self, variant: str, save_dir: str | None) -> None:
         self.variant, self.save_dir = variant, save_dir
         self.times: list[float] = []
+        self.cpu_times: list[float] = []  # CPU seconds of all threads: less sensitive to other users than wall time
         self.trainable = self.total = self.optimizer_state_bytes = 0
         self.ckpt_bytes: int | None = None
         self.adapter_dir_bytes: int | None = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -210,6 +214,7 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         out[variant] = {
             "step_time_s": harness.median([t for r in mine for t in r["step_times"]]),
             "rep_median_step_time_s": rep_medians,
+            "step_cpu_s": harness.median([t for r in mine for t in r["step_cpu_times"]]),
             "measured_steps": sum(len(r["step_times"]) for r in mine),
             "peak_rss_mb": harness.median([r["peak_rss_mb"] for r in mine]) if in_own_process else None,
             "peak_above_imports_mb": (
@@ -244,6 +249,7 @@ def ratios(summary: dict[str, dict]) -> list[dict]:
                 "vs": other,
                 "step_time": ours["step_time_s"] / theirs["step_time_s"],
                 "step_time_target": target_time,
+                "step_cpu": ours["step_cpu_s"] / theirs["step_cpu_s"],
                 "peak_rss": _ratio(ours["peak_rss_mb"], theirs["peak_rss_mb"]),
                 "peak_rss_target": 1.0 if other.startswith("peft") else None,
                 "peak_above_imports": _ratio(ours["peak_above_imports_mb"], theirs["peak_above_imports_mb"]),
@@ -277,14 +283,14 @@ def markdown(results: dict) -> str:
             spread = f"{min(s['rep_median_step_time_s']):.3f}–{max(s['rep_median_step_time_s']):.3f}"
             rows.append([
                 VARIANTS[variant], f"{s['trainable_params']:,} ({s['trainable_params'] / s['total_params']:.2%})",
-                f"{s['step_time_s']:.3f}", spread,
+                f"{s['step_time_s']:.3f}", spread, f"{s['step_cpu_s']:.3f}",
                 _num(s["peak_rss_mb"], ".0f"), _num(s["peak_above_imports_mb"], ".0f"),
                 _mb(s["optimizer_state_bytes"]), _mb(s["ckpt_bytes"]), _mb(s["adapter_dir_bytes"]),
             ])  # fmt: skip
         parts.append(
             f"### {model}\n\n"
             + harness.md_table(
-                ["variant", "trainable params", "step s (median)", "per-rep medians", "peak RSS MiB",
+                ["variant", "trainable params", "step s (median)", "per-rep medians", "CPU s / step", "peak RSS MiB",
                  "peak − imports MiB", "optimizer state MiB", "checkpoint MiB", "adapter dir MiB"],
                 rows,
             )  # fmt: skip
@@ -292,13 +298,13 @@ def markdown(results: dict) -> str:
         ratio_rows = []
         for r in block["ratios"]:
             ratio_rows.append([
-                f"{r['ours']} / {r['vs']}", _check(r["step_time"], r["step_time_target"]),
+                f"{r['ours']} / {r['vs']}", _check(r["step_time"], r["step_time_target"]), f"{r['step_cpu']:.3f}",
                 _check(r["peak_rss"], r["peak_rss_target"]), _num(r["peak_above_imports"], ".3f"),
                 _check(r["ckpt"], r["ckpt_target"]),
             ])  # fmt: skip
         parts.append(
             f"Ratios ({model}):\n\n"
-            + harness.md_table(["ratio", "step time", "peak RSS", "peak − imports", "checkpoint bytes"], ratio_rows)
+            + harness.md_table(["ratio", "step time", "CPU time", "peak RSS", "peak − imports", "checkpoint bytes"], ratio_rows)
         )
     imports = results.get("import_s")
     if imports:
@@ -364,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
                     runs.append(run)
                     print(
                         f"[{time.perf_counter() - started:6.0f} s] {model} {variant:9s} rep {rep}: "
-                        f"median step {harness.median(run['step_times']):.3f} s, peak RSS {run['peak_rss_mb']} MiB, "
+                        f"median step {harness.median(run['step_times']):.3f} s "
+                        f"({harness.median(run['step_cpu_times']):.3f} CPU s), peak RSS {_num(run['peak_rss_mb'], '.0f')} MiB, "
                         f"load {run['loadavg_end'][0]}",
                         flush=True,
                     )

