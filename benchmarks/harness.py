@@ -206,14 +206,13 @@ def write_results(out_dir: str | Path, name: str, data: dict[str, Any], markdown
     )
     md_path.write_text(header + markdown.rstrip() + "\n")
     if out.resolve() == RESULTS_DIR.resolve():
-        update_readme(name, md_path.read_text())
+        update_readme(RESULTS_DIR.parent / "README.md", name, md_path.read_text())
     return json_path, md_path
 
 
-def update_readme(name: str, markdown: str) -> None:
+def update_readme(readme: Path, name: str, markdown: str) -> None:
     """Replace the block between ``<!-- results:<name> -->`` and ``<!-- /results:<name> -->`` in
-    ``benchmarks/README.md`` with ``markdown``, so the README shows what the last full run wrote."""
-    readme = RESULTS_DIR.parent / "README.md"
+    ``readme`` with ``markdown``, so the README shows what the last full run wrote."""
     start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
     text = readme.read_text()
     if start not in text or end not in text:

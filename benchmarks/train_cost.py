@@ -316,6 +316,25 @@ def markdown(results: dict) -> str:
     return "\n\n".join(parts)
 
 
+def headline(results: dict) -> str:
+    """The table README.md shows: lightning-lora's ratios per model and target set."""
+    rows = []
+    for model, block in results["models"].items():
+        by_vs = {(r["ours"], r["vs"]): r for r in block["ratios"]}
+        for kind, label in (("qv", "q/v"), ("all", "all-linear")):
+            peft, bound, full = (by_vs.get((f"ours-{kind}", vs)) for vs in (f"peft-{kind}", "bound", "full"))
+            if peft is None and bound is None:
+                continue
+            rows.append([
+                model, label, _num(peft and peft["step_time"], ".2f"), _num(bound and bound["step_time"], ".2f"),
+                _num(peft and peft["peak_rss"], ".2f"), _num(full and full["ckpt"], ".2%"),
+            ])  # fmt: skip
+    return harness.md_table(
+        ["model", "LoRA r=8 on", "step time vs PEFT", "step time vs bound", "peak RSS vs PEFT", "checkpoint vs full FT"],
+        rows,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke test")
@@ -383,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_s"] = time.perf_counter() - started
     text = markdown(results)
     json_path, md_path = harness.write_results(out_dir, "train_cost", results, text)
+    if md_path.parent.resolve() == harness.RESULTS_DIR.resolve():
+        harness.update_readme(harness.RESULTS_DIR.parents[1] / "README.md", "train_cost_headline", headline(results))
     print(text)
     print(f"\nwrote {json_path} and {md_path} in {results['wall_s']:.0f} s")
     return results
