@@ -63,7 +63,7 @@ class CheckpointError(ValueError):
         self.path = Path(path)
         self.problem = problem
         self.alternatives = [p for p, _ in alternatives]
-        message = f"{self.path} ({file_size_text(self.path)}): {problem}. {fix}"
+        message = f"{self.path} ({file_size_text(self.path)}): {problem}. {fix}."
         if listed:
             folder = Path(searched) if searched is not None else self.path.parent
             if alternatives:
