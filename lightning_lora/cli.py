@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.optim import Optimizer
 
@@ -74,6 +75,12 @@ class LoRACLI(LightningCLI):
         """Adds the :class:`LoRACallback` arguments under ``lora:``; the callback joins the trainer's callbacks."""
         parser.add_lightning_class_args(LoRACallback, LORA_KEY)
 
+    def after_fit(self) -> None:
+        """Print the last validation metrics (e.g. ``val/accuracy``), so a run ends with its result."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val")}
+        if metrics and self.trainer.is_global_zero:
+            print("Validation after fit: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
     def _add_configure_optimizers_method_to_model(self, subcommand: Optional[str]) -> None:
         """Replaces Lightning's version: defer building ``--optimizer``/``--lr_scheduler`` until
         ``configure_optimizers`` runs, then use only the parameters that require grad then."""
@@ -115,15 +122,15 @@ def _load_command(target: str) -> Callable[[Optional[list[str]]], int]:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of ``lightning-lora``: an :data:`EXTRA_COMMANDS` subcommand, or :class:`LoRACLI`.
 
-    Returns the exit code. Errors in the user's input (``ValueError``, ``FileNotFoundError``)
-    are printed as one message instead of a traceback.
+    Returns the exit code. Errors in the user's input (``ValueError``, ``FileNotFoundError``,
+    Lightning's ``MisconfigurationException``) are printed as one message instead of a traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in EXTRA_COMMANDS:
             return int(_load_command(EXTRA_COMMANDS[args[0]])(args[1:]) or 0)
-        LoRACLI(args=args)
-    except (ValueError, FileNotFoundError) as err:
+        LoRACLI(args=argv)  # None: LightningCLI reads sys.argv itself
+    except (ValueError, FileNotFoundError, MisconfigurationException) as err:
         print(f"lightning-lora: error: {err}", file=sys.stderr)
         return 1
     except SystemExit as exit_:  # jsonargparse: --help (0) or a usage error (2)

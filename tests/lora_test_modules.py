@@ -193,3 +193,20 @@ def readme_block(section: str) -> str:
     text = (Path(__file__).parents[1] / "README.md").read_text()
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", body, re.DOTALL).group(1)
+
+
+def tiny_bert_tokenizer():
+    """A BERT WordPiece tokenizer over single characters (74 ids, fits VOCAB), built locally."""
+    from transformers import BertTokenizerFast
+
+    letters = string.ascii_lowercase
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *string.digits, *(f"##{c}" for c in letters)]
+    vocab += list(".,'\"-!?")
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+
+
+def tiny_bert_classifier_dir(path, num_labels: int = 2, seed: int = 0) -> str:
+    """A folder with a tiny from-config BERT classifier and :func:`tiny_bert_tokenizer`, for `from_pretrained`."""
+    tiny_bert(seed, num_labels=num_labels).save_pretrained(str(path))
+    tiny_bert_tokenizer().save_pretrained(str(path))
+    return str(path)
