@@ -20,12 +20,13 @@ Where it is the same: on every device (the sampled values are copied to the CPU 
 bit), and for float32, bfloat16 and float64 copies of one set of weights (a bfloat16 copy
 *is* the float32 values rounded to bfloat16, as here). float16 copies round differently and
 get their own class; weights stored quantized (bitsandbytes 4/8-bit), on the ``meta``
-device or sharded (DTensor) are not fingerprinted. Modules whose classes differ between
+device or sharded (DTensor), and layers whose adapter is merged in, are not fingerprinted. Modules whose classes differ between
 file and model are not compared; the log says so.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
@@ -56,9 +57,10 @@ _BASE_LAYER = re.compile(r"(^|\.)base_layer(?=\.|$)")
 
 def canonical_name(name: str) -> str:
     """A module or parameter name as it is on the model without LoRA (``base_layer`` levels removed)."""
-    return _BASE_LAYER.sub("", name).lstrip(".")
+    return _BASE_LAYER.sub("", name).lstrip(".") if "base_layer" in name else name
 
 
+@torch.no_grad()
 def base_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = None, strip_prefix: str = "") -> dict[str, Any]:
     """The fingerprint of the base weights under ``modules`` (default: every LoRA layer of ``model``).
 
@@ -73,17 +75,15 @@ def base_fingerprint(model: nn.Module, modules: Optional[Iterable[str]] = None, 
         the model's order; ``<class>`` is ``bf16`` (float32/bfloat16/float64) or ``f16``, and a
         module that cannot be fingerprinted has ``"quantized"`` or ``"unavailable"``.
     """
-    by_name = _modules_by_canonical_name(model)
     if modules is None:
-        wanted = [n for n, m in by_name.items() if isinstance(m, LoRALayer)]
+        found = [(canonical_name(n), m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     else:
-        wanted_set = set(modules)
-        wanted = [n for n in by_name if n in wanted_set]
+        wanted = set(modules)
+        found = [(n, m) for n, m in _modules_by_canonical_name(model).items() if n in wanted]
     digests = {}
-    for name in wanted:
-        if not name.startswith(strip_prefix):
-            continue
-        digests[name[len(strip_prefix) :]] = _module_digest(by_name[name])
+    for name, module in found:
+        if name.startswith(strip_prefix):
+            digests[name[len(strip_prefix) :]] = _module_digest(module)
     return {"version": FINGERPRINT_VERSION, "samples": SAMPLES_PER_MODULE, "modules": digests}
 
 
@@ -153,8 +153,9 @@ def _modules_by_canonical_name(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-@torch.no_grad()
 def _module_digest(module: nn.Module) -> str:
+    if isinstance(module, LoRALayer) and module.merged:  # the weight holds W + ΔW, not the base
+        return "unavailable"
     base = module.base_layer if isinstance(module, LoRALayer) else module
     weights = sorted(
         (canonical_name(name), param)
@@ -182,6 +183,10 @@ def _sample(weight: Tensor) -> Tensor:
     if numel <= SAMPLES_PER_MODULE:
         values = weight.detach().reshape(-1)
     else:
-        index = (torch.arange(SAMPLES_PER_MODULE, dtype=torch.int64) * _STRIDE) % numel
-        values = torch.take(weight.detach(), index.to(weight.device))
+        values = torch.take(weight.detach(), _sample_index(numel, weight.device))
     return values.to(torch.bfloat16).cpu()
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_index(numel: int, device: torch.device) -> Tensor:
+    return ((torch.arange(SAMPLES_PER_MODULE, dtype=torch.int64) * _STRIDE) % numel).to(device)
