@@ -34,7 +34,7 @@ from lightning_lora.guard import (
     layer_types,
     report_dead_adapters,
 )
-from lightning_lora.io import CHECKPOINT_CONFIG_KEY, save_adapter
+from lightning_lora.io import CHECKPOINT_CONFIG_KEY, save_adapter, save_merged
 from lightning_lora.checkpoint_io import install_atomic_checkpoint_io
 from lightning_lora.fingerprint import FINGERPRINT_CHECKS, FINGERPRINT_KEY, FingerprintCheck, base_fingerprint
 from lightning_lora.fingerprint import check_base_fingerprint as check_fingerprint
@@ -81,6 +81,10 @@ class LoRACallback(Callback):
         save_peft_dir: When ``fit`` ends (before any merge), write the trained adapter to
             this directory as a PEFT adapter (see :func:`~lightning_lora.save_adapter`),
             loadable with ``peft.PeftModel.from_pretrained``. Global rank zero only.
+        save_merged_dir: When ``fit`` ends, write the model with the adapter merged in to this
+            directory (see :func:`~lightning_lora.save_merged`; a transformers model is saved with
+            ``save_pretrained``, with the datamodule's or module's ``tokenizer`` when it has one).
+            Global rank zero only.
         mha_projections: The :class:`~lightning_lora.LoRAConfig` field: which projections
             of a targeted ``nn.MultiheadAttention`` get adapters (``"q"``, ``"k"``, ``"v"``,
             ``"out"``).
@@ -127,6 +131,7 @@ class LoRACallback(Callback):
         lr_scheduler: Optional[Callable[[Optimizer], Any]] = None,
         lora_b_lr_ratio: float = 1.0,
         save_peft_dir: Optional[str] = None,
+        save_merged_dir: Optional[str] = None,
         mha_projections: tuple[str, ...] = ("q", "k", "v", "out"),
         dead_adapter_check: DeadAdapterCheck = "error",
         log_delta_every_n_steps: Optional[int] = None,
@@ -173,6 +178,7 @@ class LoRACallback(Callback):
         self.lr_scheduler = lr_scheduler
         self.lora_b_lr_ratio = lora_b_lr_ratio
         self.save_peft_dir = save_peft_dir
+        self.save_merged_dir = save_merged_dir
         self._resume = ResumeState()
         self.dead_adapter_check = dead_adapter_check
         self._guard: Optional[ForwardCallRecorder] = None  # set while the first step's check is pending
@@ -303,6 +309,10 @@ class LoRACallback(Callback):
         if self.save_peft_dir is not None and lora_layers(pl_module) and trainer.is_global_zero:
             save_adapter(pl_module, self.save_peft_dir)
             rank_zero_info(f"LoRA adapter written in PEFT format to {self.save_peft_dir}.")
+        if self.save_merged_dir is not None and lora_layers(pl_module) and trainer.is_global_zero:
+            tokenizer = getattr(trainer.datamodule, "tokenizer", None) or getattr(pl_module, "tokenizer", None)
+            save_merged(pl_module, self.save_merged_dir, tokenizer=tokenizer)
+            rank_zero_info(f"Merged model written to {self.save_merged_dir}.")
         if not self.merge_on_fit_end or not lora_layers(pl_module):
             return
         merge_lora(pl_module, unload=True)
