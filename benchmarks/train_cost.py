@@ -329,7 +329,11 @@ def headline(results: dict) -> str:
                 model, label, _num(peft and peft["step_time"], ".2f"), _num(bound and bound["step_time"], ".2f"),
                 _num(peft and peft["peak_rss"], ".2f"), _num(full and full["ckpt"], ".2%"),
             ])  # fmt: skip
-    return harness.md_table(
+    caption = (
+        f"`{results.get('command', harness.command_line())}` on {results['settings']['threads']} threads, "
+        f"load average {results['loadavg_end']} (see benchmarks/README.md for every figure):\n\n"
+    )
+    return caption + harness.md_table(
         ["model", "LoRA r=8 on", "step time vs PEFT", "step time vs bound", "peak RSS vs PEFT", "checkpoint vs full FT"],
         rows,
     )
