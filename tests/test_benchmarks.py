@@ -62,3 +62,12 @@ def test_glue_quality_quick(scripts, tmp_path):
     assert [c["metric"] for c in results["comparison"]] == ["f1", "accuracy"]
     assert all(0.0 <= c[v] <= 1.0 for c in results["comparison"] for v in ("full", "lora"))
     assert "| mrpc | f1 |" in (tmp_path / "glue_quality.md").read_text()
+
+
+def test_layer_cost_quick(scripts, tmp_path):
+    import layer_cost
+
+    results = layer_cost.main(["--quick", "--out-dir", str(tmp_path)])
+    variants = [r["variant"] for r in results["rows"]]
+    assert variants == ["frozen", "ours", "ours, module path", "PEFT"]
+    assert all(r["cpu_ms"] >= 0 and r["wall_ms"] > 0 for r in results["rows"])
