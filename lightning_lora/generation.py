@@ -167,13 +167,21 @@ def generate(
     """
     formatter = formatter_for(tokenizer, prompt_template)
     ids = formatter.encode_prompt(formatter.prompt(prompt, input))
-    new = generate_ids(model, tokenizer, ids, seed=seed, streamer=streamer,
-                       **generation_kwargs(tokenizer, max_new_tokens, temperature, top_p, top_k))  # fmt: skip
+    new = generate_ids(
+        model,
+        tokenizer,
+        ids,
+        seed=seed,
+        streamer=streamer,
+        **generation_kwargs(tokenizer, max_new_tokens, temperature, top_p, top_k),
+    )
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
 @torch.no_grad()
-def generate_ids(model: Any, tokenizer: Any, prompt_ids: list[int], seed: Optional[int] = None, **kwargs: Any) -> list[int]:
+def generate_ids(
+    model: Any, tokenizer: Any, prompt_ids: list[int], seed: Optional[int] = None, **kwargs: Any
+) -> list[int]:
     """New token ids after ``prompt_ids`` (``kwargs`` go to ``model.generate``, see :func:`generation_kwargs`)."""
     if not prompt_ids:
         raise ValueError("the prompt is empty; give some text to continue.")

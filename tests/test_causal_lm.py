@@ -59,7 +59,9 @@ def test_prompt_tokens_contribute_exactly_zero_to_the_loss(model_dir, data_file)
     # the prompt's logits do not move the loss: its gradient there is exactly zero
     module.zero_grad()
     logits = module(batch["input_ids"], batch["attention_mask"]).logits.detach().requires_grad_()
-    shifted = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+    shifted = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100
+    )
     shifted.backward()
     n_prompt = len(tok(TEMPLATE.format(instruction=alpaca_records(1)[0]["instruction"]))["input_ids"])
     assert torch.count_nonzero(logits.grad[0, : n_prompt - 1]) == 0
@@ -83,7 +85,7 @@ class LossRecorder(Callback):
 def test_tiny_model_memorises_32_examples_and_logs_val_metrics_and_samples(tmp_path, model_dir, data_file, caplog):
     recorder = LossRecorder()
     dm = datamodule(model_dir, data_file, val_split=0.125)
-    module = CausalLMModule(model_dir, lr=2e-2, sample_prompts=["Reverse abc."], num_sample_prompts=1)
+    module = CausalLMModule(model_dir, learning_rate=2e-2, sample_prompts=["Reverse abc."], num_sample_prompts=1)
     trainer = pl.Trainer(
         callbacks=[LoRACallback(**LORA), recorder],
         **fit_kwargs(tmp_path, max_epochs=12, check_val_every_n_epoch=12, logger=pl.loggers.CSVLogger(tmp_path)),
@@ -115,7 +117,7 @@ def run(tmp_path, model_dir, data_file, max_steps, ckpt_path=None, checkpoint=No
     trainer = pl.Trainer(
         callbacks=callbacks, **fit_kwargs(tmp_path, max_steps=max_steps, enable_checkpointing=checkpoint is not None)
     )
-    module = CausalLMModule(model_dir, lr=1e-2)
+    module = CausalLMModule(model_dir, learning_rate=1e-2)
     trainer.fit(module, datamodule(model_dir, data_file, batch_size=4), ckpt_path=ckpt_path)
     return recorder.batches, adapter_state_dict(module)
 

@@ -17,7 +17,14 @@ from lightning_lora import LoRACallback, LoRAConfig, inject_lora, lora_layers, m
 from lightning_lora.cli import main as cli_main
 from lightning_lora.commands.generate import main as generate_main
 from lightning_lora.data import InstructionDataModule
-from lightning_lora.generation import formatter_for, generate, generate_ids, generation_kwargs, load_for_generation, stream
+from lightning_lora.generation import (
+    formatter_for,
+    generate,
+    generate_ids,
+    generation_kwargs,
+    load_for_generation,
+    stream,
+)
 from lightning_lora.models import SMOLLM2, CausalLMModule, load_causal_lm, load_tokenizer
 
 PROMPT = "Reverse abc."
@@ -48,13 +55,20 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     folder = tiny_causal_lm_dir(root / "base", chat_template=True)
     (root / "data.json").write_text(json.dumps(alpaca_records(16)))
-    data = InstructionDataModule(folder, data_path=str(root / "data.json"), prompt_template="chat", batch_size=4, val_split=0)
-    module = CausalLMModule(folder, lr=5e-2)
+    data = InstructionDataModule(
+        folder, data_path=str(root / "data.json"), prompt_template="chat", batch_size=4, val_split=0
+    )
+    module = CausalLMModule(folder, learning_rate=5e-2)
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", filename="last")
     callback = LoRACallback(r=4, alpha=8, save_peft_dir=str(root / "peft"), merge_on_fit_end=False)
     pl.Trainer(callbacks=[callback, checkpoint], **fit_kwargs(root, max_steps=4)).fit(module, data)
     save_merged(module, root / "merged", tokenizer=data.tokenizer)
-    return {"base": folder, "ckpt": str(root / "ckpt" / "last.ckpt"), "peft": str(root / "peft"), "merged": str(root / "merged")}
+    return {
+        "base": folder,
+        "ckpt": str(root / "ckpt" / "last.ckpt"),
+        "peft": str(root / "peft"),
+        "merged": str(root / "merged"),
+    }
 
 
 def test_checkpoint_peft_dir_and_merged_model_generate_the_same(trained):
@@ -62,7 +76,9 @@ def test_checkpoint_peft_dir_and_merged_model_generate_the_same(trained):
     reference = generate(base_model, tokenizer, PROMPT, max_new_tokens=12)
     outputs = [
         generate(*load_for_generation(adapter=trained["ckpt"]), PROMPT, max_new_tokens=12),  # base from the checkpoint
-        generate(*load_for_generation(trained["base"], adapter=trained["ckpt"], merge=False), PROMPT, max_new_tokens=12),
+        generate(
+            *load_for_generation(trained["base"], adapter=trained["ckpt"], merge=False), PROMPT, max_new_tokens=12
+        ),
         generate(*load_for_generation(trained["base"], adapter=trained["peft"]), PROMPT, max_new_tokens=12),
         generate(*load_for_generation(trained["merged"]), PROMPT, max_new_tokens=12),
     ]
@@ -144,7 +160,9 @@ def test_generate_is_a_subcommand_of_lightning_lora(capsys):
     assert "no model given" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.environ.get("LIGHTNING_LORA_TEST_SMOLLM2"), reason="set LIGHTNING_LORA_TEST_SMOLLM2=1 (loads SmolLM2)")
+@pytest.mark.skipif(
+    not os.environ.get("LIGHTNING_LORA_TEST_SMOLLM2"), reason="set LIGHTNING_LORA_TEST_SMOLLM2=1 (loads SmolLM2)"
+)
 def test_smollm2_offline_default_prompts_like_its_chat_template():
     model, tokenizer = load_for_generation(SMOLLM2)
     formatter = formatter_for(tokenizer, "auto")

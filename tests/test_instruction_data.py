@@ -28,7 +28,9 @@ def write(tmp_path, records, name="data.json"):
 
 def make(tmp_path, records, name="data.json", chat_template=False, **kwargs):
     values = dict(prompt_template=TEMPLATE, prompt_template_no_input=NO_INPUT, max_length=64, val_split=0.0)
-    dm = InstructionDataModule(tiny_tokenizer(chat_template), data_path=write(tmp_path, records, name), **{**values, **kwargs})
+    dm = InstructionDataModule(
+        tiny_tokenizer(chat_template), data_path=write(tmp_path, records, name), **{**values, **kwargs}
+    )
     dm.setup("fit")
     return dm
 
@@ -38,12 +40,16 @@ def ids(text, special=True):
 
 
 def test_alpaca_labels_mask_the_prompt_and_padding(tmp_path):
-    records = [{"instruction": "Add.", "input": "1 2", "output": "3"}, {"instruction": "Say hi.", "output": "hello there"}]
-    dm = make(tmp_path, records, name="data.jsonl")
-    first, second = (ids("Q: Add.\nIn: 1 2\nA: "), ids("3", False) + [2]), (ids("Q: Say hi.\nA: "), ids("hello there", False) + [2])
-    assert dm.train_set == [
-        {"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in (first, second)
+    records = [
+        {"instruction": "Add.", "input": "1 2", "output": "3"},
+        {"instruction": "Say hi.", "output": "hello there"},
     ]
+    dm = make(tmp_path, records, name="data.jsonl")
+    first, second = (
+        (ids("Q: Add.\nIn: 1 2\nA: "), ids("3", False) + [2]),
+        (ids("Q: Say hi.\nA: "), ids("hello there", False) + [2]),
+    )
+    assert dm.train_set == [{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in (first, second)]
     batch = dm._collate(dm.train_set)  # dynamic padding to the longer example, pad = EOS (the tokenizer had none)
     width = max(len(first[0] + first[1]), len(second[0] + second[1]))
     assert batch["input_ids"].shape == (2, width)
@@ -75,7 +81,9 @@ def test_chat_records_use_the_tokenizer_chat_template_and_learn_the_last_reply(t
 
 
 def test_alpaca_records_through_a_chat_template(tmp_path):
-    dm = make(tmp_path, [{"instruction": "Add.", "input": "1 2", "output": "3"}], chat_template=True, prompt_template="chat")
+    dm = make(
+        tmp_path, [{"instruction": "Add.", "input": "1 2", "output": "3"}], chat_template=True, prompt_template="chat"
+    )
     prompt = ids("<s>user: Add.\n\n1 2</s>\n<s>assistant: ", False)
     assert dm.train_set[0]["labels"] == [-100] * len(prompt) + ids("3</s>\n", False)
     assert dm.formatter.encode_prompt(dm.formatter.prompt("Add.", "1 2")) == prompt  # generation sees the same ids
@@ -140,24 +148,40 @@ def test_loader_shuffles_with_its_own_seed(tmp_path):
 @pytest.mark.parametrize(
     ("content", "name", "kwargs", "message"),
     [
-        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], "data.json", {},
-         r"data.json, record 1: missing field `output` \(format 'alpaca'"),
+        (
+            [{"instruction": "a", "output": "b"}, {"instruction": "c"}],
+            "data.json",
+            {},
+            r"data.json, record 1: missing field `output` \(format 'alpaca'",
+        ),
         ("", "data.jsonl", {}, r"data.jsonl is empty"),
         ("[]", "data.json", {}, r"data.json holds no records"),
         ('{"text": "a"}\nnot json\n', "data.jsonl", {}, r"data.jsonl, line 2: not valid JSON"),
         ([{"prompt": "a", "completion": "b"}], "data.json", {}, r"record 0: cannot tell the format from the fields"),
         ([{"text": "a"}], "data.json", {"format": "sharegpt"}, r"format='sharegpt' is unknown"),
         ([{"text": "a"}], "data.csv", {}, r"unknown file type '.csv'"),
-        ([{"instruction": "a", "output": "b"}], "data.json", {"prompt_template_no_input": "{instruction} {topic}"},
-         r"record 0: prompt template refers to field\(s\) \['topic'\]"),
-        ([{"instruction": "a", "input": "x", "output": "b"}], "data.json", {"prompt_template": "Q: {instruction}"},
-         r"record 0: the record has an input .* no \{input\} field"),
+        (
+            [{"instruction": "a", "output": "b"}],
+            "data.json",
+            {"prompt_template_no_input": "{instruction} {topic}"},
+            r"record 0: prompt template refers to field\(s\) \['topic'\]",
+        ),
+        (
+            [{"instruction": "a", "input": "x", "output": "b"}],
+            "data.json",
+            {"prompt_template": "Q: {instruction}"},
+            r"record 0: the record has an input .* no \{input\} field",
+        ),
         ([{"instruction": "a", "output": 3}], "data.json", {}, r"record 0: field `output` must be a string, got int"),
-        ([{"messages": [{"role": "user", "content": "a"}]}], "data.json", {},
-         r"record 0: the last message has role 'user'"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}]}],
+            "data.json",
+            {},
+            r"record 0: the last message has role 'user'",
+        ),
         ([{"text": "a"}], "data.json", {"prompt_template": "chat"}, r"needs a tokenizer with a chat template"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_names_file_record_and_field(tmp_path, content, name, kwargs, message):
     path = tmp_path / name
     path.write_text(content if isinstance(content, str) else json.dumps(content))

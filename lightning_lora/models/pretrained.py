@@ -115,7 +115,9 @@ def ensure_pad_token(tokenizer: Any) -> Any:
         tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.name_or_path not in _PAD_LOGGED:
             _PAD_LOGGED.add(tokenizer.name_or_path)
-            rank_zero_info(f"Tokenizer {tokenizer.name_or_path!r} has no pad token; using its EOS token {tokenizer.eos_token!r}.")
+            rank_zero_info(
+                f"Tokenizer {tokenizer.name_or_path!r} has no pad token; using its EOS token {tokenizer.eos_token!r}."
+            )
     return tokenizer
 
 
