@@ -205,8 +205,11 @@ def tiny_bert_tokenizer():
     return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
 
 
-def tiny_bert_classifier_dir(path, num_labels: int = 2, seed: int = 0) -> str:
-    """A folder with a tiny from-config BERT classifier and :func:`tiny_bert_tokenizer`, for `from_pretrained`."""
-    tiny_bert(seed, num_labels=num_labels).save_pretrained(str(path))
+def tiny_bert_classifier_dir(path, num_labels: int = 2, seed: int = 0, **overrides) -> str:
+    """A folder with a tiny from-config BERT classifier and :func:`tiny_bert_tokenizer`, for `from_pretrained`.
+
+    BERT's initialization (std 0.02) gives nearly the same pooled output for every input; a larger
+    ``initializer_range`` (e.g. 0.5) makes the outputs of a random model differ from row to row."""
+    tiny_bert(seed, num_labels=num_labels, **overrides).save_pretrained(str(path))
     tiny_bert_tokenizer().save_pretrained(str(path))
     return str(path)
