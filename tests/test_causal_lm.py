@@ -88,7 +88,7 @@ def test_tiny_model_memorises_32_examples_and_logs_val_metrics_and_samples(tmp_p
     module = CausalLMModule(model_dir, learning_rate=2e-2, sample_prompts=["Reverse abc."], num_sample_prompts=1)
     trainer = pl.Trainer(
         callbacks=[LoRACallback(**LORA), recorder],
-        **fit_kwargs(tmp_path, max_epochs=12, check_val_every_n_epoch=12, logger=pl.loggers.CSVLogger(tmp_path)),
+        **fit_kwargs(tmp_path, max_epochs=16, check_val_every_n_epoch=16, logger=pl.loggers.CSVLogger(tmp_path)),
     )
     with caplog.at_level(logging.INFO):
         trainer.fit(module, dm)
