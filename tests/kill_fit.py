@@ -6,7 +6,7 @@ written, ``done`` at the end. ``modules_to_save=["embed"]`` (a 20000 x 128 embed
 in full, with its AdamW state) makes each checkpoint ~30 MB, so a save takes long enough to be
 killed inside it.
 
-Usage: ``python tests/kill_fit.py CKPT_DIR OUT_FILE [--resume]``; the final adapter tensors
+Usage: ``PYTHONPATH=tests python tests/kill_fit.py CKPT_DIR OUT_FILE [--resume]``; the final adapter tensors
 go to ``OUT_FILE`` (``torch.save``) when the run ends.
 """
 
@@ -19,6 +19,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lora_test_modules import fit_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -79,16 +80,7 @@ def run(root: Path, ckpt_dir: Optional[Path], resume: bool = False) -> dict[str,
         if ckpt_dir is not None:
             callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=EVERY_N_STEPS))
         trainer = pl.Trainer(
-            default_root_dir=root,
-            accelerator="cpu",
-            devices=1,
-            max_steps=MAX_STEPS,
-            callbacks=callbacks,
-            enable_checkpointing=ckpt_dir is not None,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            deterministic=True,
+            **fit_kwargs(root, max_steps=MAX_STEPS, callbacks=callbacks, enable_checkpointing=ckpt_dir is not None)
         )
         trainer.fit(model, loader(), ckpt_path="last" if resume else None)
         return {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}

@@ -60,7 +60,12 @@ def temp_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name) if folder.exists() else []
 
 
-def inside_a_save(ckpt: Path, rng: random.Random):
+def saving(ckpt: Path, tmpdir: Path) -> list[str]:
+    """Temporary files of a save in progress: ours beside the checkpoints, Lightning's default writer's in $TMPDIR."""
+    return temp_files(ckpt) + [p.name for p in tmpdir.iterdir()]
+
+
+def inside_a_save(ckpt: Path, tmpdir: Path, rng: random.Random):
     """Kill right after a temporary checkpoint file appears (plus 0-5 ms): the process is writing it."""
 
     def should_kill(event: list[str]) -> bool:
@@ -68,7 +73,7 @@ def inside_a_save(ckpt: Path, rng: random.Random):
             return False
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
-            if temp_files(ckpt):
+            if saving(ckpt, tmpdir):
                 time.sleep(rng.uniform(0, 0.005))
                 return True
             time.sleep(0.0005)
@@ -94,14 +99,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, ckpt_d
     moments = [
         ("mid-epoch", lambda e: e == ["batch", str(mid_epoch_step)]),
         ("epoch end", lambda e: e[:1] == ["epoch_end"]),
-        ("inside a save", inside_a_save(ckpt_dir, rng)),
+        ("inside a save", inside_a_save(ckpt_dir, tmpdir, rng)),
     ]
     for i, (moment, should_kill) in enumerate(moments):
         lines = kill_when(start(ckpt_dir, out, tmpdir, resume=i > 0), should_kill)
         assert (ckpt_dir / "last.ckpt").exists(), (moment, seed, lines[-10:])
         assert_last_loads(ckpt_dir, lines)
         if moment == "inside a save":
-            assert temp_files(ckpt_dir), f"the kill was meant to hit a save in progress (seed {seed})"
+            assert saving(ckpt_dir, tmpdir), f"the kill was meant to hit a save in progress (seed {seed})"
 
     final = start(ckpt_dir, out, tmpdir, resume=True)
     output, _ = final.communicate(timeout=120)
