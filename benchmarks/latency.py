@@ -10,7 +10,7 @@ Every variant runs the same fixed batch under ``torch.inference_mode()`` in eval
 interleaved (the order rotates each repetition); the adapters have random, non-zero B so
 merged and unmerged outputs are checked to agree.
 
-Run (about 6 min on 2 idle cores)::
+Run (about 7 min on 2 idle cores)::
 
     python benchmarks/latency.py
 """
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         spec = harness.model_spec(model)
         for batch in args.batches:
             ids = harness.token_batch(spec, batch, seq)["input_ids"]
-            calls = 2 if args.quick else (20 if batch == 1 else 5)
+            calls = 2 if args.quick else (20 if batch == 1 else 3)
             times = time_variants(variants, ids, calls, args.reps)
             base = harness.median(times["base"])
             error = merge_error(variants, ids)

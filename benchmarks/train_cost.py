@@ -19,7 +19,7 @@ time moves less with other users' load than the wall time), peak RSS, trainable 
 (``trainer.save_checkpoint``; ours is adapter-only) and PEFT-format adapter directories,
 and the time of ``import lightning_lora`` vs ``import peft`` in fresh interpreters.
 
-Run (about 35 min on 2 idle cores)::
+Run (about 40 min on 2 idle cores)::
 
     python benchmarks/train_cost.py
 
