@@ -182,6 +182,20 @@ def test_every_shipped_config_parses(path, capsys):
     assert printed["lora"]["r"] >= 1
 
 
+@pytest.mark.parametrize("task", ["mnli", "stsb"])
+def test_glue_configs_run_a_step_on_tiny_stand_ins(task, tmp_path, tiny_dir, capsys):
+    folder = {"mnli": "MNLI", "stsb": "STS-B"}[task]
+    stand_ins = ["--model.init_args.model_name_or_path", tiny_dir, "--data.init_args.model_name_or_path", tiny_dir,
+                 "--data.init_args.data_dir", str(SST2.parent / folder), "--data.init_args.max_length", "32",
+                 "--trainer.max_steps", "1", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.enable_progress_bar", "false"]  # fmt: skip
+    assert main(["fit", "--config", str(ROOT / "configs" / "glue" / f"{task}.yaml"), *stand_ins]) == 0
+    out = capsys.readouterr().out
+    expected = ["val_matched/accuracy=", "val_mismatched/accuracy="] if task == "mnli" else ["val/pearson=", "val/spearman="]
+    assert all(name in out for name in expected)
+    assert list((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("last.ckpt"))
+
+
 def test_quickstart_config_runs_on_tiny_stand_ins(tmp_path, tiny_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the quickstart writes quickstart_output/ in the working folder
     stand_ins = ["--model.init_args.model_name_or_path", tiny_dir, "--data.init_args.model_name_or_path", tiny_dir,

@@ -1,4 +1,4 @@
-"""The README's main-job command, run as a user would (offline, embedded default)."""
+"""examples/existing_module.py (the README's example for an existing LightningModule), run as a user would."""
 
 from __future__ import annotations
 
