@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 from functools import partial
+from pathlib import Path
 from types import MethodType
 from typing import Any, Callable, Optional
 
@@ -22,6 +23,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
+import torch
 from torch.optim import Optimizer
 
 from lightning_lora.callback import LoRACallback
@@ -74,6 +76,19 @@ class LoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Adds the :class:`LoRACallback` arguments under ``lora:``; the callback joins the trainer's callbacks."""
         parser.add_lightning_class_args(LoRACallback, LORA_KEY)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads ``--ckpt_path`` here, before ``fit``, for the module's hyper-parameters. A file
+        that does not load is left to ``fit``, where the callback raises a ``CheckpointError`` naming it,
+        or resumes from the newest checkpoint beside it that loads (``--lora.resume_fallback true``)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True)
+            except Exception:  # noqa: BLE001 - reported by `fit` with the file's name
+                return
+        super()._parse_ckpt_path()
 
     def after_fit(self) -> None:
         """Print the last validation metrics (e.g. ``val/accuracy``), so a run ends with its result."""

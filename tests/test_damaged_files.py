@@ -195,3 +195,27 @@ def test_load_adapter_names_damaged_config(adapters):
     path.write_text(json.dumps({"r": 4})[:-3])
     with pytest.raises(CheckpointError, match=r"(?s)b/adapter_config\.json \(\d+ bytes\): it is not valid JSON.*a/adapter"):
         load_adapter(tiny_bert(), adapters / "b")
+
+
+class TokenData(pl.LightningDataModule):
+    """The tests' token data as a datamodule, for the CLI."""
+
+    def train_dataloader(self):
+        return token_loader(n=32)
+
+
+def test_cli_ckpt_path_names_damaged_file_or_falls_back(tmp_path, folder, capsys, caplog):
+    from lightning_lora.cli import main
+
+    path = folder / "last.ckpt"
+    damage(path, "truncated")
+    args = ["fit", "--model", "lora_test_modules.BertClassifier", "--data", f"{__name__}.TokenData",
+            "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.max_steps", "6",
+            "--lora.r", "4", "--lora.target_modules", "[query, value]", "--ckpt_path", str(path)]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"lightning-lora: error: {path} (" in err and "truncated" in err and GOOD[1] in err, err[-2000:]
+    with caplog.at_level(logging.WARNING):
+        assert main(args + ["--lora.resume_fallback", "true"]) == 0
+    assert any(f"Resuming from {folder / GOOD[1]}" in r.getMessage() for r in caplog.records)
