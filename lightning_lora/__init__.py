@@ -47,6 +47,7 @@ from lightning_lora.io import load_adapter, load_adapter_checkpoint, save_adapte
 from lightning_lora.guard import DeadAdapterError, find_dead_adapters
 from lightning_lora.layers import LoRAConv1d, LoRAConv1D, LoRAConv2d, LoRAConv3d, LoRAEmbedding, LoRALayer, LoRALinear
 from lightning_lora.mha import LoRAMultiheadAttention
+from lightning_lora.monitor import LoRAMonitor
 from lightning_lora.optim import build_optimizer, lora_param_groups
 from lightning_lora.quantize import dequantize_base, keep_training_format, quantize_base
 from lightning_lora.summary import LoRASummary, plan_lora, summarize_lora
@@ -65,6 +66,7 @@ __all__ = [
     "LoRAConv1d",
     "LoRAConv2d",
     "LoRAConv3d",
+    "LoRAMonitor",
     "LoRAMultiheadAttention",
     "LoRAEmbedding",
     "LoRALayer",
