@@ -132,7 +132,7 @@ def markdown(rows: list[dict[str, Any]], comparison: list[dict[str, Any]]) -> st
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 training steps and 2 dev batches per run: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="1 training step and 1 dev batch per run: a smoke test")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--glue-dir", default="../shared/data/glue", help="folder with SST-2/, MRPC/, STS-B/")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     threads = harness.set_threads(args.threads)
     extra = list(args.extra)
     if args.quick:
-        extra += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+        extra += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
                   "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "8"]  # fmt: skip
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="glue_quality_") if args.quick else harness.RESULTS_DIR)
     results: dict[str, Any] = {"settings": {"threads": threads, "extra": extra}, "loadavg_start": harness.loadavg()}
