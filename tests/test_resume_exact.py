@@ -25,8 +25,17 @@ from lightning_lora.resume import ResumeState
 KEY = "resume_state"
 BATCHES_PER_EPOCH = 6
 
-logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def quiet_lightning():
+    """Keep Lightning's info lines out of this module's output without changing other modules' logging."""
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    level = lightning_logger.level
+    lightning_logger.setLevel(logging.ERROR)
+    yield
+    lightning_logger.setLevel(level)
 
 
 class ResumeCallback(Callback):
