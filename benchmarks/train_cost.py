@@ -316,8 +316,9 @@ def markdown(results: dict) -> str:
     return "\n\n".join(parts)
 
 
-def headline(results: dict) -> str:
-    """The table README.md shows: lightning-lora's ratios per model and target set."""
+def headline(results: dict, timing: bool = True) -> str:
+    """The table README.md shows: lightning-lora's ratios per model and target set (``timing=False``:
+    without the step-time columns, for runs whose times were not interleaved)."""
     rows = []
     for model, block in results["models"].items():
         by_vs = {(r["ours"], r["vs"]): r for r in block["ratios"]}
@@ -333,10 +334,10 @@ def headline(results: dict) -> str:
         f"`{results.get('command', harness.command_line())}` on {results['settings']['threads']} threads, "
         f"load average {results['loadavg_end']} (see benchmarks/README.md for every figure):\n\n"
     )
-    return caption + harness.md_table(
-        ["model", "LoRA r=8 on", "step time vs PEFT", "step time vs bound", "peak RSS vs PEFT", "checkpoint vs full FT"],
-        rows,
-    )
+    headers = ["model", "LoRA r=8 on", "step time vs PEFT", "step time vs bound", "peak RSS vs PEFT", "checkpoint vs full FT"]
+    if not timing:
+        headers, rows = headers[:2] + headers[4:], [row[:2] + row[4:] for row in rows]
+    return caption + harness.md_table(headers, rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
