@@ -53,6 +53,7 @@ from lightning_lora.inject import (
     unload_lora,
 )
 from lightning_lora.layers import LoRAConv1D, LoRALayer
+from lightning_lora.quantize import dequantize_base, is_4bit_linear
 
 PathLike = str | Path
 
@@ -461,9 +462,17 @@ def save_merged(model: nn.Module, directory: PathLike, tokenizer: Any = None) ->
             )
         merged = copy.deepcopy(root)
         unload_lora(merged, merge=True)
+        dequantize_base(merged)  # a QLoRA export is full precision, never silently re-quantized
         _write_folder_atomically(directory, lambda staging: _save_pretrained(merged, tokenizer, staging))
     else:
-        data = safetensors_bytes(_merged_state_dict(model), metadata={"format": "pt"})
+        if any(is_4bit_linear(m) for m in model.modules()):
+            merged = copy.deepcopy(model)
+            unload_lora(merged, merge=True)
+            dequantize_base(merged)
+            state = {k: v.contiguous() for k, v in merged.state_dict().items()}
+        else:
+            state = _merged_state_dict(model)
+        data = safetensors_bytes(state, metadata={"format": "pt"})
         _write_folder_atomically(directory, lambda staging: _save_pretrained(None, tokenizer, staging, data))
     return directory
 

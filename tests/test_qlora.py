@@ -195,3 +195,23 @@ def test_gradients_flow_through_frozen_4bit_layers():
     for batch in DataLoader(list(zip(x, y)), batch_size=8):
         nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_save_merged_exports_a_full_precision_model_from_a_4bit_base(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from lightning_lora import save_merged
+
+    module = BertClassifier()
+    fit(tmp_path, module, max_steps=2)
+    ids = token_data(8).tensors[0]
+    module.eval()
+    with torch.no_grad():
+        qlora_logits = module(ids)
+    save_merged(module, tmp_path / "merged")
+    assert any(is_4bit_linear(m) for m in module.modules())  # the live model is left as it was
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert not any(is_4bit_linear(m) for m in exported.modules())
+    assert all(p.dtype == torch.float32 for p in exported.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, qlora_logits, rtol=0, atol=1e-5)
