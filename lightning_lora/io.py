@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 
 from lightning_lora.adapters import add_adapter, get_adapter_state, set_adapter_state
 from lightning_lora.checkpoint_io import atomic_write_bytes, fsync_dir, load_torch_file, remove_stale_temps, temp_path_for
-from lightning_lora.config import ALL_LINEAR, LoRAConfig, TargetSpec
+from lightning_lora.config import ALL_LINEAR, MHA_PROJECTIONS, LoRAConfig, TargetSpec
 from lightning_lora.errors import CheckpointError, describe_safetensors_problem, loadable_alternatives, sibling_files
 from lightning_lora.fingerprint import (
     FINGERPRINT_KEY,
@@ -53,6 +54,7 @@ from lightning_lora.inject import (
     unload_lora,
 )
 from lightning_lora.layers import LoRAConv1D, LoRALayer
+from lightning_lora.mha import LoRAMultiheadAttention
 from lightning_lora.quantize import dequantize_base, is_4bit_linear
 
 PathLike = str | Path
@@ -137,7 +139,9 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
             f"`save_adapter`: LoRA layers {outside[:3]} lie outside the Hugging Face model `{prefix[:-1]}`; a PEFT "
             "adapter can only describe modules of that model. Target only modules inside it."
         )
-    adapted = sorted({n[len(prefix) :] for n in layers})
+    _check_peft_can_express(config, layers)
+    # an adapted MHA's out_proj adapter lives inside its wrapper; PEFT finds it through the MHA target
+    adapted = sorted({n[len(prefix) :] for n in layers if ".base_layer." not in n})
     saved = [n[len(prefix) :] for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
     tensors: dict[str, Tensor] = {}
     for key, value in adapter_state_dict(model).items():
@@ -172,6 +176,24 @@ def save_adapter(model: nn.Module, directory: PathLike, base_model_name_or_path:
     atomic_write_bytes(directory / ADAPTER_WEIGHTS_NAME, safetensors_bytes(tensors, metadata=metadata))
     atomic_write_bytes(directory / ADAPTER_CONFIG_NAME, (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode())
     return directory
+
+
+def _check_peft_can_express(config: LoRAConfig, layers: dict[str, LoRALayer]) -> None:
+    """PEFT adapts all four projections of a targeted ``nn.MultiheadAttention``; refuse fewer."""
+    attention = [n for n, layer in layers.items() if isinstance(layer, LoRAMultiheadAttention)]
+    if attention and tuple(config.mha_projections) != MHA_PROJECTIONS:
+        raise ValueError(
+            f"`save_adapter`: attention modules {attention[:3]} adapt only {tuple(config.mha_projections)}, but a PEFT "
+            f"adapter always adapts all of {MHA_PROJECTIONS} of a MultiheadAttention. Train with the default "
+            "`mha_projections`, or keep this adapter as an adapter-only Lightning checkpoint."
+        )
+    if attention:
+        warnings.warn(
+            f"`save_adapter`: {len(attention)} MultiheadAttention adapters are written in PEFT's layout; "
+            "`load_adapter` restores them exactly, but PEFT <= 0.21 applies the out_proj update twice "
+            "(its MultiheadAttention merge), so PEFT's outputs for this adapter differ from ours.",
+            stacklevel=3,
+        )
 
 
 def _peft_target_spec(root: nn.Module, spec: TargetSpec, adapted: list[str], saved: list[str]) -> TargetSpec:

@@ -284,3 +284,25 @@ def test_same_layout_as_peft_and_peft_counts_out_proj_twice() -> None:
     with torch.no_grad():
         ours.attn.out_adapter.lora_B.weight *= 2
     assert torch.allclose(ours(x), expected, atol=1e-5)
+
+
+def test_peft_export_names_the_attention_module_and_round_trips(tmp_path) -> None:
+    from lightning_lora import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    base = Attn()
+    ours = inject_lora(copy.deepcopy(base), target_modules=["attn"], r=2, alpha=4)
+    randomize_b(ours)
+    with pytest.warns(UserWarning, match="out_proj update twice"):
+        save_adapter(ours, tmp_path / "adapter")
+    import json
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert all(".base_layer." not in name for name in (config["target_modules"] if isinstance(config["target_modules"], list) else [config["target_modules"]]))
+    reloaded = load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    x = torch.randn(2, 5, E)
+    torch.testing.assert_close(reloaded(x), ours(x), rtol=0, atol=1e-6)
+
+    only_qv = inject_lora(copy.deepcopy(base), target_modules=["attn"], r=2, alpha=4, mha_projections=("q", "v"))
+    with pytest.raises(ValueError, match="adapt only .*'q', 'v'"):
+        save_adapter(only_qv, tmp_path / "qv")
