@@ -77,6 +77,21 @@ class LoRACLI(LightningCLI):
         """Adds the :class:`LoRACallback` arguments under ``lora:``; the callback joins the trainer's callbacks."""
         parser.add_lightning_class_args(LoRACallback, LORA_KEY)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Short optimizer and scheduler names (``--optimizer AdamW``) mean ``torch.optim``'s classes.
+
+        jsonargparse resolves a short name among every imported subclass, so once bitsandbytes
+        is imported (QLoRA) ``AdamW`` or ``SGD`` would be ambiguous; torch's class is the one a
+        user means unless they write a full class path.
+        """
+        if args is None:
+            qualified = _qualify_torch_names(sys.argv[1:])
+            if qualified != sys.argv[1:]:
+                sys.argv[1:] = qualified
+        elif isinstance(args, (list, tuple)):
+            args = _qualify_torch_names(list(args))
+        super().parse_arguments(parser, args)
+
     def _parse_ckpt_path(self) -> None:
         """Lightning reads ``--ckpt_path`` here, before ``fit``, for the module's hyper-parameters. A file
         that does not load is left to ``fit``, where the callback raises a ``CheckpointError`` naming it,
@@ -127,6 +142,27 @@ class LoRACLI(LightningCLI):
             return wrap(module, optimizer=optimizer, lr_scheduler=scheduler)
 
         self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
+
+def _qualify_torch_names(args: list[str]) -> list[str]:
+    """``--optimizer X`` / ``--lr_scheduler X`` with a bare name of a torch class → its full class path."""
+    modules = {"--optimizer": torch.optim, "--lr_scheduler": torch.optim.lr_scheduler}
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if flag not in modules:
+            continue
+        if not eq:
+            if i + 1 >= len(out):
+                continue
+            value = out[i + 1]
+        if value.isidentifier() and isinstance(getattr(modules[flag], value, None), type):
+            full = f"{modules[flag].__name__}.{value}"
+            if eq:
+                out[i] = f"{flag}={full}"
+            else:
+                out[i + 1] = full
+    return out
 
 
 def _load_command(target: str) -> Callable[[Optional[list[str]]], int]:

@@ -225,3 +225,14 @@ def test_bad_input_gives_a_clear_error_and_a_nonzero_exit_code(tmp_path, tiny_di
     assert main(["--help"]) == 0
     help_text = capsys.readouterr().out
     assert all(name in help_text for name in ["fit", "validate", "test", "predict", *EXTRA_COMMANDS])
+
+
+def test_short_optimizer_names_mean_torch_even_when_bitsandbytes_is_imported(tmp_path, tiny_dir):
+    pytest.importorskip("bitsandbytes")  # defines its own AdamW and SGD subclasses of torch's Optimizer
+    cli = LoRACLI(
+        args=["--config", config(tmp_path, tiny_dir, max_steps=1), "--optimizer", "AdamW", "--optimizer.lr", "0.01",
+              "--lr_scheduler=StepLR", "--lr_scheduler.step_size", "1"],
+        run=False,
+    )  # fmt: skip
+    assert cli.config["optimizer"]["class_path"] == "torch.optim.AdamW"
+    assert cli.config["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.StepLR"
