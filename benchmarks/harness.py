@@ -172,6 +172,18 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def timed(fn: Callable[[], Any], reps: int, warmup: int = 0) -> float:
+    """Median wall seconds of ``fn`` over ``reps`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
 def path_bytes(path: str | Path) -> int:
     """Size of a file, or of every file under a directory."""
     path = Path(path)

@@ -25,7 +25,6 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,22 +32,16 @@ import torch
 from lightning.pytorch.demos.transformer import Transformer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import RESULTS_DIR, md_table, median, set_threads, write_results  # noqa: E402
+from harness import RESULTS_DIR, md_table, set_threads, write_results  # noqa: E402
+from harness import timed as _median_time  # noqa: E402
+
+
+def timed(fn: Callable[[], Any], reps: int) -> float:
+    """Median seconds after two warm-up runs."""
+    return _median_time(fn, reps, warmup=2)
 
 from lightning_lora import LoRAConfig, LoRAMultiheadAttention, find_dead_adapters, inject_lora, lora_layers  # noqa: E402
 from lightning_lora.guard import ForwardCallRecorder  # noqa: E402
-
-
-def timed(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
-    """Median wall seconds of ``fn`` over ``reps`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def build(vocab: int, ninp: int, nhid: int, r: int) -> Transformer:

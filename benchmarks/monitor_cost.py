@@ -10,23 +10,13 @@ its share of training time is ``metrics / (N · step)``.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from harness import RESULTS_DIR, md_table, median, model_spec, set_threads, token_batch, write_results
+from harness import RESULTS_DIR, md_table, model_spec, set_threads, timed, token_batch, write_results
 from lightning_lora import LoRAConfig, inject_lora, lora_layers
 from lightning_lora.analysis import layer_factors
 from lightning_lora.monitor import delta_metrics
-
-
-def _timed(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return median(times)
 
 
 def measure(model_name: str, r: int, targets, batch: int, seq: int, reps: int) -> dict:
@@ -51,9 +41,9 @@ def measure(model_name: str, r: int, targets, batch: int, seq: int, reps: int) -
             torch.linalg.svdvals(f.lora_B @ f.lora_A * f.scaling)
 
     step()  # warm-up
-    step_s = _timed(step, reps)
-    metrics_s = _timed(lambda: delta_metrics(model), reps)
-    full_s = _timed(full_svd, max(1, reps // 2))
+    step_s = timed(step, reps)
+    metrics_s = timed(lambda: delta_metrics(model), reps)
+    full_s = timed(full_svd, max(1, reps // 2))
     return {
         "model": model_name, "r": r, "targets": targets if isinstance(targets, str) else list(targets),
         "modules": len(lora_layers(model)), "batch": f"{batch}x{seq}", "step_s": step_s, "metrics_s": metrics_s,
