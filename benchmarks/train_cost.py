@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -287,8 +288,9 @@ def markdown(results: dict) -> str:
                 _num(s["peak_rss_mb"], ".0f"), _num(s["peak_above_imports_mb"], ".0f"),
                 _mb(s["optimizer_state_bytes"]), _mb(s["ckpt_bytes"]), _mb(s["adapter_dir_bytes"]),
             ])  # fmt: skip
+        made_by = f"`{block['command']}`, load average at the end {block['loadavg_end']}\n\n" if "command" in block else ""
         parts.append(
-            f"### {model}\n\n"
+            f"### {model}\n\n{made_by}"
             + harness.md_table(
                 ["variant", "trainable params", "step s (median)", "per-rep medians", "CPU s / step", "peak RSS MiB",
                  "peak − imports MiB", "optimizer state MiB", "checkpoint MiB", "adapter dir MiB"],
@@ -330,14 +332,31 @@ def headline(results: dict, timing: bool = True) -> str:
                 model, label, _num(peft and peft["step_time"], ".2f"), _num(bound and bound["step_time"], ".2f"),
                 _num(peft and peft["peak_rss"], ".2f"), _num(full and full["ckpt"], ".2%"),
             ])  # fmt: skip
+    commands = dict.fromkeys(
+        (block.get("command", results.get("command", "")), str(block.get("loadavg_end", results["loadavg_end"])))
+        for block in results["models"].values()
+    )
     caption = (
-        f"`{results.get('command', harness.command_line())}` on {results['settings']['threads']} threads, "
-        f"load average {results['loadavg_end']} (see benchmarks/README.md for every figure):\n\n"
+        "; ".join(f"`{command}` (load average at the end {load})" for command, load in commands)
+        + f", {results['settings']['threads']} threads (see benchmarks/README.md for every figure):\n\n"
     )
     headers = ["model", "LoRA r=8 on", "step time vs PEFT", "step time vs bound", "peak RSS vs PEFT", "checkpoint vs full FT"]
     if not timing:
         headers, rows = headers[:2] + headers[4:], [row[:2] + row[4:] for row in rows]
     return caption + harness.md_table(headers, rows)
+
+
+def _earlier_results(json_path: Path, models: list[str]) -> dict[str, Any]:
+    """An earlier run's results, less the models run now: results accumulate per model, each
+    block keeping the command and load average it was measured with."""
+    if not json_path.is_file():
+        return {}
+    earlier = json.loads(json_path.read_text())
+    kept = {m: block for m, block in earlier.get("models", {}).items() if m not in models}
+    for block in kept.values():
+        block.setdefault("command", earlier.get("command", ""))
+        block.setdefault("loadavg_end", earlier.get("loadavg_end"))
+    return {"models": kept, **({"import_s": earlier["import_s"]} if "import_s" in earlier else {})}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -354,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--import-reps", type=int, default=5, help="fresh interpreters per import timing (0: skip)")
     parser.add_argument("--in-process", action="store_true", help="no process per variant (peak RSS not per variant)")
     parser.add_argument("--out-dir", help="default: benchmarks/results (a temporary directory with --quick)")
+    parser.add_argument("--fresh", action="store_true", help="drop the other models' results of an earlier run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -367,7 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, value)
     models = args.models or (["tiny-bert", "tiny-gpt2"] if args.quick else list(DEFAULT_VARIANTS))
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="train_cost_") if args.quick else harness.RESULTS_DIR)
+    command = harness.command_line() if argv is None else shlex.join(["python", "benchmarks/train_cost.py", *argv])
+    earlier = {} if args.fresh else _earlier_results(Path(out_dir) / "train_cost.json", models)
     results: dict[str, Any] = {
+        "command": command,
         "settings": {k: getattr(args, k) for k in ("batch", "seq", "warmup", "steps", "reps", "in_process")}
         | {"threads": threads, "r": R, "alpha": ALPHA, "lr": LR, "dtype": "float32"},
         "loadavg_start": harness.loadavg(),
@@ -400,9 +423,15 @@ def main(argv: list[str] | None = None) -> dict:
                         flush=True,
                     )
             summary = summarize(runs)
-            results["models"][model] = {"summary": summary, "ratios": ratios(summary), "runs": runs}
+            results["models"][model] = {
+                "summary": summary, "ratios": ratios(summary), "runs": runs, "command": command,
+                "settings": results["settings"], "loadavg_end": harness.loadavg(),
+            }  # fmt: skip
+    results["models"] = earlier.get("models", {}) | results["models"]
     if args.import_reps:
         results["import_s"] = import_times(args.import_reps)
+    elif "import_s" in earlier:
+        results["import_s"] = earlier["import_s"]
     results["loadavg_end"] = harness.loadavg()
     results["wall_s"] = time.perf_counter() - started
     text = markdown(results)

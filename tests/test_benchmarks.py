@@ -35,6 +35,18 @@ def test_train_cost_quick(scripts, tmp_path):
     assert saved["machine"]["loadavg"] and saved["command"].startswith("python ")
     assert "| ours-qv / peft-qv |" in (tmp_path / "train_cost.md").read_text()
 
+    # another model later: the tiny-bert block stays, with the command that measured it
+    argv2 = ["--quick", "--in-process", "--models", "tiny-gpt2", "--variants", "bound", "ours-qv", "--reps", "1",
+             "--steps", "1", "--import-reps", "0", "--out-dir", str(tmp_path)]  # fmt: skip
+    results = train_cost.main(argv2)
+    assert list(results["models"]) == ["tiny-bert", "tiny-gpt2"]
+    assert results["models"]["tiny-bert"]["summary"] == json.loads(json.dumps(summary))
+    commands = [block["command"] for block in results["models"].values()]
+    assert "--models tiny-bert" in commands[0] and "--models tiny-gpt2" in commands[1]
+    headline = train_cost.headline(results)
+    assert "--models tiny-bert" in headline and "--models tiny-gpt2" in headline
+    assert list(train_cost.main([*argv2, "--fresh"])["models"]) == ["tiny-gpt2"]
+
 
 def test_latency_quick(scripts, tmp_path):
     import latency
