@@ -332,12 +332,12 @@ def headline(results: dict, timing: bool = True) -> str:
                 model, label, _num(peft and peft["step_time"], ".2f"), _num(bound and bound["step_time"], ".2f"),
                 _num(peft and peft["peak_rss"], ".2f"), _num(full and full["ckpt"], ".2%"),
             ])  # fmt: skip
-    commands = dict.fromkeys(
-        (block.get("command", results.get("command", "")), str(block.get("loadavg_end", results["loadavg_end"])))
-        for block in results["models"].values()
-    )
+    loads: dict[str, list[float]] = {}
+    for block in results["models"].values():
+        load = block.get("loadavg_end", results["loadavg_end"])
+        loads.setdefault(block.get("command", results.get("command", "")), []).append(load[0])
     caption = (
-        "; ".join(f"`{command}` (load average at the end {load})" for command, load in commands)
+        "; ".join(f"`{command}` (1-min load average {min(ls):g}–{max(ls):g})" for command, ls in loads.items())
         + f", {results['settings']['threads']} threads (see benchmarks/README.md for every figure):\n\n"
     )
     headers = ["model", "LoRA r=8 on", "step time vs PEFT", "step time vs bound", "peak RSS vs PEFT", "checkpoint vs full FT"]
