@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +45,9 @@ TASKS = {"sst2": ("SST-2", ("accuracy",)), "mrpc": ("MRPC", ("f1", "accuracy")),
 VARIANTS = ("full", "lora", "lora-all")
 """``full`` first: every LoRA variant is compared with it."""
 TARGET_POINTS = 1.0
+QUICK_OVERRIDES = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+                   "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "8"]  # fmt: skip
+"""``--quick``: 1 training step and 1 dev batch per run."""
 
 
 class _Recorder(pl.Callback):
@@ -205,10 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     threads = harness.set_threads(args.threads)
     extra = list(args.extra)
     if args.quick:
-        extra += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-                  "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "8"]  # fmt: skip
+        extra += QUICK_OVERRIDES
     out_dir = Path(args.out_dir or (tempfile.mkdtemp(prefix="glue_quality_") if args.quick else harness.RESULTS_DIR))
-    command = harness.command_line() if argv is None else shlex.join(["python", "benchmarks/glue_quality.py", *argv])
+    command = harness.command_line(__file__, argv)
     results: dict[str, Any] = {"command": command, "settings": {"threads": threads, "extra": extra}, "loadavg_start": harness.loadavg()}
     rows = [] if args.fresh else _kept_rows(out_dir / "glue_quality.json", args.tasks)
     started = time.perf_counter()
@@ -230,9 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_s"] = time.perf_counter() - started
     text = markdown(rows, results["comparison"])
     json_path, md_path = harness.write_results(out_dir, "glue_quality", results, text)
-    if md_path.parent.resolve() == harness.RESULTS_DIR.resolve():
-        harness.update_readme(harness.RESULTS_DIR.parents[1] / "README.md", "glue_quality_headline",
-                              headline(rows, results["comparison"], command))  # fmt: skip
+    harness.update_headline(out_dir, "glue_quality_headline", headline(rows, results["comparison"], command))
     print(text)
     print(f"\nwrote {json_path} and {md_path} in {results['wall_s']:.0f} s")
     return results

